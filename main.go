@@ -1,0 +1,460 @@
+// Command loginserver is a small, complete password login server: a port of
+// the "login endpoint" chapter of a FastAPI course. Users register with an
+// email and a password (kept as a bcrypt hash), log in with the same pair,
+// and get an OAuth2-style bearer token that opens /users/me.
+//
+// Routes:
+//
+//	POST /register   {"email", "password"} -> 201 {"id", "email"}
+//	POST /login      JSON {"email", "password"} or an OAuth2 password form
+//	                 -> 200 {"access_token", "token_type", "expires_in"}
+//	GET  /users/me   Authorization: Bearer <token> -> 200 {"id", "email"}
+//	GET  /healthz    -> 200 {"status": "ok"}
+//
+// This file holds the program, the routes and the handlers. A request's
+// journey: run builds the server; newServer names the routes; each handle*
+// function reads the request, calls into auth.go, jwt.go or store.go, and
+// writes the answer with writeJSON or writeError.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// maxBodyBytes caps every request body.
+const maxBodyBytes = 64 << 10
+
+func main() {
+	if err := run(context.Background(), os.Args[1:], os.LookupEnv, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "loginserver:", err)
+		os.Exit(1)
+	}
+}
+
+// run is the whole program: it reads its configuration from args and the
+// environment, loads the users, and serves until ctx ends or the process
+// gets SIGINT or SIGTERM; then it lets requests in flight finish.
+func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	flags := flag.NewFlagSet("loginserver", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	addr := flags.String("addr", "localhost:8080", "address to listen on")
+	usersPath := flags.String("users", "users.json", "file that stores the users (created on the first registration)")
+	if err := flags.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, nil))
+
+	secret, err := loadSecret(lookupEnv, logger)
+	if err != nil {
+		return err
+	}
+	users, err := openStore(*usersPath)
+	if err != nil {
+		return err
+	}
+	accts, err := newAccounts(users, bcrypt.DefaultCost)
+	if err != nil {
+		return err
+	}
+
+	srv := &http.Server{
+		Handler:           newServer(logger, accts, secret, time.Now),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down: finishing requests in flight")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("requests still in flight were cut off", "err", err)
+		srv.Close()
+	}
+	<-serveErr // http.ErrServerClosed, once Serve has returned
+	logger.Info("stopped")
+	return nil
+}
+
+// loadSecret returns the token signing secret from JWT_SECRET. Unset, it
+// makes a random one for this process; set but too short, it is an error.
+func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]byte, error) {
+	secret, ok := lookupEnv("JWT_SECRET")
+	if !ok {
+		logger.Warn("JWT_SECRET is not set: using a random secret, so tokens will not survive a restart")
+		random := make([]byte, minSecretBytes)
+		rand.Read(random) // never fails: it crashes the program rather than return weak bytes
+		return random, nil
+	}
+	if len(secret) < minSecretBytes {
+		return nil, fmt.Errorf("JWT_SECRET is %d bytes long; it must be at least %d", len(secret), minSecretBytes)
+	}
+	return []byte(secret), nil
+}
+
+// newServer returns the server's handler: every route, behind the request
+// log and the headers that go on every response.
+func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("POST /register", handleRegister(logger, accts))
+	mux.Handle("POST /login", handleLogin(logger, accts, secret, now))
+	mux.Handle("GET /users/me", handleUsersMe(accts.users, secret, now))
+	mux.Handle("GET /healthz", handleHealthz())
+	return logRequests(logger, commonHeaders(mux))
+}
+
+// handleRegister creates a user from {"email", "password"}.
+func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
+	type response struct {
+		ID    int64  `json:"id"`
+		Email string `json:"email"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		email, password, ok := readJSONCredentials(w, r)
+		if !ok {
+			return
+		}
+		u, err := accts.register(email, password)
+		var invalid validationError
+		switch {
+		case errors.As(err, &invalid):
+			writeError(w, http.StatusUnprocessableEntity, invalid.Error())
+			return
+		case errors.Is(err, errEmailTaken):
+			writeError(w, http.StatusConflict, "Email already registered")
+			return
+		case err != nil:
+			logger.Error("register", "err", err)
+			writeError(w, http.StatusInternalServerError, "Internal server error")
+			return
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		writeJSON(w, http.StatusCreated, response{ID: u.ID, Email: u.Email})
+	})
+}
+
+// handleLogin exchanges an email and a password for an access token. It
+// takes the tutorial's JSON body or the OAuth2 password form (RFC 6749
+// section 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm
+// send.
+func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+	type response struct {
+		AccessToken string `json:"access_token"`
+		TokenType   string `json:"token_type"`
+		ExpiresIn   int64  `json:"expires_in"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var email, password string
+		var ok bool
+		switch t := mediaType(r); {
+		case t == "application/x-www-form-urlencoded":
+			email, password, ok = readFormCredentials(w, r)
+		case isJSON(t):
+			email, password, ok = readJSONCredentials(w, r)
+		default:
+			writeError(w, http.StatusUnsupportedMediaType,
+				"body must be JSON or an OAuth2 form (Content-Type: application/x-www-form-urlencoded)")
+		}
+		if !ok {
+			return
+		}
+		u, err := accts.authenticate(email, password)
+		if errors.Is(err, errInvalidCredentials) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
+			writeError(w, http.StatusUnauthorized, "Invalid email or password")
+			return
+		}
+		if err != nil {
+			logger.Error("login", "err", err)
+			writeError(w, http.StatusInternalServerError, "Internal server error")
+			return
+		}
+		token, err := createAccessToken(u.Email, secret, now())
+		if err != nil {
+			logger.Error("login: create token", "err", err)
+			writeError(w, http.StatusInternalServerError, "Internal server error")
+			return
+		}
+		// A token must not be kept by any cache (RFC 6749 section 5.1).
+		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("Pragma", "no-cache")
+		writeJSON(w, http.StatusOK, response{
+			AccessToken: token,
+			TokenType:   "bearer",
+			ExpiresIn:   int64(accessTokenLifetime / time.Second),
+		})
+	})
+}
+
+// handleUsersMe returns the user whose bearer token the request carries.
+func handleUsersMe(users *store, secret []byte, now func() time.Time) http.Handler {
+	type response struct {
+		ID    int64  `json:"id"`
+		Email string `json:"email"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		token, ok := bearerToken(r)
+		if !ok {
+			// No credentials sent: no error code (RFC 6750 section 3).
+			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
+			writeError(w, http.StatusUnauthorized, "Not authenticated")
+			return
+		}
+		email, err := verifyAccessToken(token, secret, now())
+		if err != nil {
+			writeInvalidToken(w)
+			return
+		}
+		u, found := users.lookup(email)
+		if !found {
+			writeInvalidToken(w)
+			return
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		writeJSON(w, http.StatusOK, response{ID: u.ID, Email: u.Email})
+	})
+}
+
+// handleHealthz says the server is up; it runs only once the store is loaded.
+func handleHealthz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+}
+
+// bearerToken returns the token of an "Authorization: Bearer <token>"
+// header, the scheme name in any letter case, and false if there is no
+// such header.
+func bearerToken(r *http.Request) (string, bool) {
+	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimLeft(token, " "), true
+}
+
+// writeInvalidToken answers a bearer token that failed a check (RFC 6750
+// section 3.1).
+func writeInvalidToken(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
+	writeError(w, http.StatusUnauthorized, "Could not validate credentials")
+}
+
+// readJSONCredentials reads {"email": "...", "password": "..."}. If the body
+// is not that, it writes the error response and returns false.
+func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
+	var body struct {
+		Email    *string `json:"email"`
+		Password *string `json:"password"`
+	}
+	if !readJSON(w, r, &body) {
+		return "", "", false
+	}
+	switch {
+	case body.Email == nil:
+		writeError(w, http.StatusUnprocessableEntity, "email is required and must be a string")
+		return "", "", false
+	case body.Password == nil:
+		writeError(w, http.StatusUnprocessableEntity, "password is required and must be a string")
+		return "", "", false
+	}
+	return *body.Email, *body.Password, true
+}
+
+// readFormCredentials reads an OAuth2 password grant form: username,
+// password and an optional grant_type, which must then be "password". If
+// the form is not that, it writes the error response and returns false.
+func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
+	if r.ContentLength > maxBodyBytes {
+		writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
+		return "", "", false
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
+	if err := r.ParseForm(); err != nil {
+		if maxErr := (*http.MaxBytesError)(nil); errors.As(err, &maxErr) {
+			writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
+		} else {
+			writeError(w, http.StatusUnprocessableEntity, "body is not a valid form")
+		}
+		return "", "", false
+	}
+	// PostForm, not Form: a password must come in the body, not the URL.
+	form := r.PostForm
+	if grant, present := form["grant_type"]; present && (len(grant) != 1 || grant[0] != "password") {
+		writeError(w, http.StatusBadRequest, "unsupported grant_type")
+		return "", "", false
+	}
+	switch {
+	case !form.Has("username"):
+		writeError(w, http.StatusUnprocessableEntity, "username is required")
+		return "", "", false
+	case !form.Has("password"):
+		writeError(w, http.StatusUnprocessableEntity, "password is required")
+		return "", "", false
+	}
+	return form.Get("username"), form.Get("password"), true
+}
+
+// readJSON decodes a request body holding one JSON object into dst. Unknown
+// fields are ignored, as FastAPI does. If the body is not JSON, too large,
+// or not one object, it writes the error response and returns false.
+func readJSON(w http.ResponseWriter, r *http.Request, dst any) bool {
+	if !isJSON(mediaType(r)) {
+		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
+		return false
+	}
+	if r.ContentLength > maxBodyBytes {
+		writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
+		return false
+	}
+	status, detail := decodeJSON(http.MaxBytesReader(w, r.Body, maxBodyBytes), dst)
+	if status != 0 {
+		writeError(w, status, detail)
+		return false
+	}
+	return true
+}
+
+// decodeJSON decodes body, which must hold one JSON object, into dst. It
+// returns status 0, or the status and detail of the error response.
+func decodeJSON(body io.Reader, dst any) (status int, detail string) {
+	var (
+		syntaxErr *json.SyntaxError
+		typeErr   *json.UnmarshalTypeError
+		maxErr    *http.MaxBytesError
+	)
+	dec := json.NewDecoder(body)
+	err := dec.Decode(dst)
+	if err == nil {
+		// One object only: anything after it but spaces is an error.
+		err = dec.Decode(&struct{}{})
+		if err == io.EOF {
+			return 0, ""
+		}
+		if !errors.As(err, &maxErr) {
+			return http.StatusUnprocessableEntity, "body must hold a single JSON object and nothing after it"
+		}
+	}
+	switch {
+	case errors.As(err, &maxErr):
+		return http.StatusRequestEntityTooLarge, "body must be at most 64 KiB"
+	case errors.As(err, &syntaxErr):
+		return http.StatusUnprocessableEntity, fmt.Sprintf("body is malformed JSON at byte %d", syntaxErr.Offset)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return http.StatusUnprocessableEntity, "body is malformed JSON: it ends too soon"
+	case errors.Is(err, io.EOF):
+		return http.StatusUnprocessableEntity, "body must not be empty"
+	case errors.As(err, &typeErr) && typeErr.Field == "":
+		return http.StatusUnprocessableEntity, "body must be a JSON object"
+	case errors.As(err, &typeErr):
+		return http.StatusUnprocessableEntity, fmt.Sprintf("%s must be a %s, not a JSON %s",
+			typeErr.Field, strings.TrimPrefix(typeErr.Type.String(), "*"), typeErr.Value)
+	default:
+		return http.StatusUnprocessableEntity, "body is not valid JSON"
+	}
+}
+
+// isJSON reports whether a media type is JSON: application/json, or a
+// JSON-based type such as application/merge-patch+json, as FastAPI accepts.
+func isJSON(mediaType string) bool {
+	return mediaType == "application/json" ||
+		strings.HasPrefix(mediaType, "application/") && strings.HasSuffix(mediaType, "+json")
+}
+
+// mediaType returns the request's Content-Type without parameters, or "".
+func mediaType(r *http.Request) string {
+	t, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil {
+		return ""
+	}
+	return t
+}
+
+// writeError writes an error in FastAPI's shape: {"detail": "..."}.
+func writeError(w http.ResponseWriter, status int, detail string) {
+	writeJSON(w, status, struct {
+		Detail string `json:"detail"`
+	}{detail})
+}
+
+// writeJSON writes v as a JSON response: headers, then status, then body.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	// The status is sent; an error here is a client that went away.
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// commonHeaders sets the headers every response carries, the mux's own 404
+// and 405 included.
+func commonHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Browsers must take a response for what its Content-Type says.
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		next.ServeHTTP(w, r)
+	})
+}
+
+// logRequests logs one line per request: method, path, status, duration.
+// Never a header or a body, which may hold a password or a token.
+func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(rec, r)
+		logger.Info("request", "method", r.Method, "path", r.URL.Path,
+			"status", rec.status, "duration", time.Since(start))
+	})
+}
+
+// statusRecorder remembers the status a handler wrote, for the log.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (rec *statusRecorder) WriteHeader(status int) {
+	rec.status = status
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+// Unwrap lets http.ResponseController reach the real ResponseWriter.
+func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }

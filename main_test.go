@@ -1,0 +1,1236 @@
+// main_test.go checks the server against CONTRACT.md, through the real
+// handlers with a real store in a temporary folder. bcrypt runs at MinCost
+// and the clock is a fakeClock, so the suite is fast and deterministic.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+const (
+	testSecret   = "a-test-secret-of-at-least-32-bytes!"
+	testEmail    = "ann@example.com"
+	testPassword = "correct horse battery"
+	testStart    = 1_800_000_000 // the fake clock's start, in Unix seconds
+)
+
+// fakeClock is a clock that tests move by hand.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Unix(testStart, 0)} }
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// testServer is a server over a users file in a temporary folder.
+type testServer struct {
+	handler http.Handler
+	users   *store
+	clock   *fakeClock
+	path    string // the users file
+}
+
+// newTestServer starts a server over path, or over a new users file in a
+// temporary folder if path is "".
+func newTestServer(t *testing.T, path string) *testServer {
+	t.Helper()
+	if path == "" {
+		path = filepath.Join(t.TempDir(), "users.json")
+	}
+	users, err := openStore(path)
+	if err != nil {
+		t.Fatalf("openStore: %v", err)
+	}
+	accts, err := newAccounts(users, bcrypt.MinCost)
+	if err != nil {
+		t.Fatalf("newAccounts: %v", err)
+	}
+	clock := newFakeClock()
+	logger := slog.New(slog.DiscardHandler)
+	return &testServer{
+		handler: newServer(logger, accts, []byte(testSecret), clock.now),
+		users:   users,
+		clock:   clock,
+		path:    path,
+	}
+}
+
+// do sends a request to the server; header holds name, value pairs.
+func (ts *testServer) do(t *testing.T, method, path, contentType, body string, header ...string) *httptest.ResponseRecorder {
+	t.Helper()
+	r := httptest.NewRequest(method, path, strings.NewReader(body))
+	r.RemoteAddr = "192.0.2.1:1234"
+	if contentType != "" {
+		r.Header.Set("Content-Type", contentType)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		r.Header.Set(header[i], header[i+1])
+	}
+	w := httptest.NewRecorder()
+	ts.handler.ServeHTTP(w, r)
+	return w
+}
+
+func (ts *testServer) register(t *testing.T, email, password string) *httptest.ResponseRecorder {
+	t.Helper()
+	return ts.do(t, "POST", "/register", "application/json", credentialsJSON(email, password))
+}
+
+func (ts *testServer) login(t *testing.T, email, password string) *httptest.ResponseRecorder {
+	t.Helper()
+	return ts.do(t, "POST", "/login", "application/json", credentialsJSON(email, password))
+}
+
+// token registers testEmail and logs in, and returns the access token.
+func (ts *testServer) token(t *testing.T) string {
+	t.Helper()
+	if w := ts.register(t, testEmail, testPassword); w.Code != http.StatusCreated {
+		t.Fatalf("register: status %d, body %s", w.Code, w.Body)
+	}
+	w := ts.login(t, testEmail, testPassword)
+	if w.Code != http.StatusOK {
+		t.Fatalf("login: status %d, body %s", w.Code, w.Body)
+	}
+	return decode(t, w.Body.Bytes())["access_token"].(string)
+}
+
+func (ts *testServer) me(t *testing.T, token string) *httptest.ResponseRecorder {
+	t.Helper()
+	return ts.do(t, "GET", "/users/me", "", "", "Authorization", "Bearer "+token)
+}
+
+func credentialsJSON(email, password string) string {
+	b, _ := json.Marshal(map[string]string{"email": email, "password": password})
+	return string(b)
+}
+
+// decode decodes a JSON object.
+func decode(t *testing.T, body []byte) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(body, &m); err != nil {
+		t.Fatalf("body %q is not a JSON object: %v", body, err)
+	}
+	return m
+}
+
+// checkJSON checks a response's status, that it is JSON, and that its body
+// has every member of want.
+func checkJSON(t *testing.T, w *httptest.ResponseRecorder, status int, want map[string]any) map[string]any {
+	t.Helper()
+	if w.Code != status {
+		t.Errorf("status = %d, want %d (body %s)", w.Code, status, w.Body)
+	}
+	if got := w.Header().Get("Content-Type"); got != "application/json" {
+		t.Errorf("Content-Type = %q, want application/json", got)
+	}
+	if got := w.Header().Get("X-Content-Type-Options"); got != "nosniff" {
+		t.Errorf("X-Content-Type-Options = %q, want nosniff", got)
+	}
+	got := decode(t, w.Body.Bytes())
+	for k, v := range want {
+		if fmt.Sprint(got[k]) != fmt.Sprint(v) {
+			t.Errorf("body[%q] = %v, want %v (body %s)", k, got[k], v, w.Body)
+		}
+	}
+	return got
+}
+
+// checkDetail checks an error response: its status, and a detail that
+// contains every one of words.
+func checkDetail(t *testing.T, w *httptest.ResponseRecorder, status int, words ...string) {
+	t.Helper()
+	body := checkJSON(t, w, status, nil)
+	detail, ok := body["detail"].(string)
+	if !ok || detail == "" {
+		t.Fatalf("detail = %v, want a sentence", body["detail"])
+	}
+	if len(body) != 1 {
+		t.Errorf("error body = %s, want only detail", w.Body)
+	}
+	for _, word := range words {
+		if !strings.Contains(detail, word) {
+			t.Errorf("detail = %q, want it to mention %q", detail, word)
+		}
+	}
+}
+
+func TestRegister(t *testing.T) {
+	long := strings.Repeat("a", 64) + "@" + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 57) + ".com" // 254 bytes
+	tests := []struct {
+		name        string
+		contentType string
+		body        string
+		status      int
+		wantEmail   string   // for 201
+		words       []string // for an error: what the detail must mention
+	}{
+		{"created", "application/json", credentialsJSON(testEmail, testPassword), 201, testEmail, nil},
+		{"email trimmed and lower-cased", "application/json", credentialsJSON("  Ann@Example.COM ", testPassword), 201, testEmail, nil},
+		{"content type with charset", "application/json; charset=utf-8", credentialsJSON(testEmail, testPassword), 201, testEmail, nil},
+		{"unknown fields ignored", "application/json", `{"email":"ann@example.com","password":"12345678","name":"Ann","admin":true}`, 201, testEmail, nil},
+		{"email of 254 bytes", "application/json", credentialsJSON(long, testPassword), 201, long, nil},
+		{"password of 8 bytes", "application/json", credentialsJSON(testEmail, "12345678"), 201, testEmail, nil},
+		{"password of 72 bytes", "application/json", credentialsJSON(testEmail, strings.Repeat("p", 72)), 201, testEmail, nil},
+		{"password of 4 two-byte runes", "application/json", credentialsJSON(testEmail, "éééé"), 201, testEmail, nil},
+
+		{"email of 255 bytes", "application/json", credentialsJSON("x"+long, testPassword), 422, "", []string{"email", "254"}},
+		{"email without @", "application/json", credentialsJSON("ann.example.com", testPassword), 422, "", []string{"email"}},
+		{"email without domain", "application/json", credentialsJSON("ann@", testPassword), 422, "", []string{"email"}},
+		{"email with display name", "application/json", credentialsJSON("Ann <ann@example.com>", testPassword), 422, "", []string{"email"}},
+		{"email in angle brackets", "application/json", credentialsJSON("<ann@example.com>", testPassword), 422, "", []string{"email"}},
+		{"email with comment", "application/json", credentialsJSON("ann@example.com (Ann)", testPassword), 422, "", []string{"email"}},
+		{"email empty", "application/json", credentialsJSON("", testPassword), 422, "", []string{"email"}},
+		{"password of 7 bytes", "application/json", credentialsJSON(testEmail, "1234567"), 422, "", []string{"password", "8"}},
+		{"password of 73 bytes", "application/json", credentialsJSON(testEmail, strings.Repeat("p", 73)), 422, "", []string{"password", "72"}},
+		{"password of 3 two-byte runes", "application/json", credentialsJSON(testEmail, "ééé"), 422, "", []string{"password", "8"}},
+		{"email missing", "application/json", `{"password":"12345678"}`, 422, "", []string{"email", "required"}},
+		{"password missing", "application/json", `{"email":"ann@example.com"}`, 422, "", []string{"password", "required"}},
+		{"email null", "application/json", `{"email":null,"password":"12345678"}`, 422, "", []string{"email"}},
+		{"email a number", "application/json", `{"email":5,"password":"12345678"}`, 422, "", []string{"email", "string"}},
+		{"password an array", "application/json", `{"email":"ann@example.com","password":["12345678"]}`, 422, "", []string{"password", "string"}},
+		{"malformed JSON", "application/json", `{"email":"ann@example.com",`, 422, "", []string{"JSON"}},
+		{"JSON syntax error", "application/json", `{"email" "ann@example.com"}`, 422, "", []string{"JSON"}},
+		{"trailing data", "application/json", credentialsJSON(testEmail, testPassword) + ` {}`, 422, "", []string{"single JSON object"}},
+		{"trailing garbage", "application/json", credentialsJSON(testEmail, testPassword) + `x`, 422, "", []string{"single JSON object"}},
+		{"empty body", "application/json", ``, 422, "", []string{"empty"}},
+		{"array body", "application/json", `[]`, 422, "", []string{"object"}},
+		{"string body", "application/json", `"ann"`, 422, "", []string{"object"}},
+		{"null body", "application/json", `null`, 422, "", []string{"email"}},
+
+		{"text content type", "text/plain", credentialsJSON(testEmail, testPassword), 415, "", []string{"JSON"}},
+		{"form content type", "application/x-www-form-urlencoded", "email=ann%40example.com&password=12345678", 415, "", []string{"JSON"}},
+		{"no content type", "", credentialsJSON(testEmail, testPassword), 415, "", []string{"JSON"}},
+		{"body over 64 KiB", "application/json", `{"email":"ann@example.com","password":"` + strings.Repeat("p", 64<<10) + `"}`, 413, "", []string{"64 KiB"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ts := newTestServer(t, "")
+			w := ts.do(t, "POST", "/register", tt.contentType, tt.body)
+			if tt.status != http.StatusCreated {
+				checkDetail(t, w, tt.status, tt.words...)
+				if _, found := ts.users.lookup(testEmail); found {
+					t.Errorf("user stored after a %d", tt.status)
+				}
+				return
+			}
+			checkJSON(t, w, tt.status, map[string]any{"id": 1, "email": tt.wantEmail})
+			if got := len(decode(t, w.Body.Bytes())); got != 2 {
+				t.Errorf("body = %s, want only id and email", w.Body)
+			}
+			if got := w.Header().Get("Cache-Control"); got != "no-store" {
+				t.Errorf("Cache-Control = %q, want no-store", got)
+			}
+		})
+	}
+}
+
+func TestRegisterBodyOver64KiBWithoutLength(t *testing.T) {
+	ts := newTestServer(t, "")
+	body := `{"email":"ann@example.com","password":"` + strings.Repeat("p", 64<<10) + `"}`
+	r := httptest.NewRequest("POST", "/register", io.MultiReader(strings.NewReader(body)))
+	r.ContentLength = -1 // as with chunked encoding: only reading finds the size
+	r.Header.Set("Content-Type", "application/json")
+	w := httptest.NewRecorder()
+	ts.handler.ServeHTTP(w, r)
+	checkDetail(t, w, http.StatusRequestEntityTooLarge, "64 KiB")
+}
+
+func TestRegisterDuplicateEmail(t *testing.T) {
+	ts := newTestServer(t, "")
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, map[string]any{"id": 1})
+	for _, email := range []string{testEmail, "ANN@example.com", " Ann@Example.com"} {
+		checkJSON(t, ts.register(t, email, "another password"), 409, map[string]any{"detail": "Email already registered"})
+	}
+	checkJSON(t, ts.register(t, "bob@example.com", testPassword), 201, map[string]any{"id": 2, "email": "bob@example.com"})
+}
+
+func TestRegisterConcurrentSameEmail(t *testing.T) {
+	ts := newTestServer(t, "")
+	const n = 20
+	codes := make(chan int, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			email := fmt.Sprintf(" ANN@example.com%s", strings.Repeat(" ", i%3)) // one email, spelled variously
+			codes <- ts.register(t, email, testPassword).Code
+		})
+	}
+	wg.Wait()
+	close(codes)
+	count := map[int]int{}
+	for code := range codes {
+		count[code]++
+	}
+	if count[201] != 1 || count[409] != n-1 {
+		t.Errorf("statuses = %v, want one 201 and %d 409s", count, n-1)
+	}
+}
+
+func TestLogin(t *testing.T) {
+	const form = "application/x-www-form-urlencoded"
+	long72 := strings.Repeat("q", 72)
+	tests := []struct {
+		name        string
+		contentType string
+		body        string
+		status      int
+		detail      string // the exact detail, or "" for 200
+	}{
+		{"JSON", "application/json", credentialsJSON(testEmail, testPassword), 200, ""},
+		{"JSON, email in another case with spaces", "application/json", credentialsJSON(" ANN@Example.com ", testPassword), 200, ""},
+		{"form with grant_type", form, "grant_type=password&username=ann%40example.com&password=" + url.QueryEscape(testPassword), 200, ""},
+		{"form without grant_type", form, "username=ann%40example.com&password=" + url.QueryEscape(testPassword), 200, ""},
+		{"form with charset and scope", form + "; charset=utf-8", "username=ANN%40example.com&password=" + url.QueryEscape(testPassword) + "&scope=&client_id=", 200, ""},
+
+		{"unknown email", "application/json", credentialsJSON("bob@example.com", testPassword), 401, "Invalid email or password"},
+		{"wrong password", "application/json", credentialsJSON(testEmail, "wrong password"), 401, "Invalid email or password"},
+		{"password in another case", "application/json", credentialsJSON(testEmail, strings.ToUpper(testPassword)), 401, "Invalid email or password"},
+		{"short password", "application/json", credentialsJSON(testEmail, "short"), 401, "Invalid email or password"},
+		{"empty password", "application/json", credentialsJSON(testEmail, ""), 401, "Invalid email or password"},
+		{"empty email", "application/json", credentialsJSON("", testPassword), 401, "Invalid email or password"},
+		{"invalid email", "application/json", credentialsJSON("not an email", testPassword), 401, "Invalid email or password"},
+		{"73 bytes whose first 72 are the password", "application/json", credentialsJSON("long@example.com", long72+"x"), 401, "Invalid email or password"},
+		{"form, wrong password", form, "grant_type=password&username=ann%40example.com&password=wrong", 401, "Invalid email or password"},
+		{"password in the URL, not the form", form, "username=ann%40example.com", 422, ""},
+
+		{"form, other grant_type", form, "grant_type=client_credentials&username=ann%40example.com&password=x", 400, "unsupported grant_type"},
+		{"form, empty grant_type", form, "grant_type=&username=ann%40example.com&password=x", 400, "unsupported grant_type"},
+		{"form, two grant_types", form, "grant_type=password&grant_type=password&username=a&password=x", 400, "unsupported grant_type"},
+		{"JSON, email missing", "application/json", `{"password":"x"}`, 422, ""},
+		{"JSON, password missing", "application/json", `{"email":"ann@example.com"}`, 422, ""},
+		{"JSON, password a number", "application/json", `{"email":"ann@example.com","password":12345678}`, 422, ""},
+		{"JSON, malformed", "application/json", `{"email":`, 422, ""},
+		{"JSON, trailing data", "application/json", credentialsJSON(testEmail, testPassword) + "[]", 422, ""},
+		{"form, username missing", form, "password=x", 422, ""},
+		{"form, password missing", form, "username=ann%40example.com", 422, ""},
+		{"form, malformed", form, "username=%zz&password=x", 422, ""},
+		{"other content type", "text/plain", credentialsJSON(testEmail, testPassword), 415, ""},
+		{"no content type", "", credentialsJSON(testEmail, testPassword), 415, ""},
+		{"multipart", "multipart/form-data; boundary=x", "--x--", 415, ""},
+		{"JSON over 64 KiB", "application/json", `{"email":"ann@example.com","password":"` + strings.Repeat("p", 64<<10) + `"}`, 413, ""},
+		{"form over 64 KiB", form, "username=ann%40example.com&password=" + strings.Repeat("p", 64<<10), 413, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ts := newTestServer(t, "")
+			ts.register(t, testEmail, testPassword)
+			ts.register(t, "long@example.com", long72)
+			path := "/login"
+			if tt.name == "password in the URL, not the form" {
+				path += "?password=" + url.QueryEscape(testPassword)
+			}
+			w := ts.do(t, "POST", path, tt.contentType, tt.body)
+			switch tt.status {
+			case 200:
+				body := checkJSON(t, w, 200, map[string]any{"token_type": "bearer", "expires_in": 1800})
+				if len(body) != 3 {
+					t.Errorf("body = %s, want access_token, token_type, expires_in", w.Body)
+				}
+				checkHeaders(t, w, "Cache-Control", "no-store", "Pragma", "no-cache")
+				token, _ := body["access_token"].(string)
+				if sub, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
+					t.Errorf("verifyAccessToken(access_token) = %q, %v; want %q, nil", sub, err, testEmail)
+				}
+			case 401:
+				checkDetail(t, w, 401)
+				checkJSON(t, w, 401, map[string]any{"detail": tt.detail})
+				checkHeaders(t, w, "WWW-Authenticate", `Bearer realm="api"`)
+			default:
+				checkDetail(t, w, tt.status)
+				if tt.detail != "" {
+					checkJSON(t, w, tt.status, map[string]any{"detail": tt.detail})
+				}
+			}
+		})
+	}
+}
+
+// checkHeaders checks name, value pairs of response headers.
+func checkHeaders(t *testing.T, w *httptest.ResponseRecorder, pairs ...string) {
+	t.Helper()
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if got := w.Header().Values(pairs[i]); len(got) != 1 || got[0] != pairs[i+1] {
+			t.Errorf("%s = %q, want exactly %q", pairs[i], got, pairs[i+1])
+		}
+	}
+}
+
+// TestLoginFailuresAlike checks that every failed login answers the same
+// bytes and headers, so none tells which emails are registered.
+func TestLoginFailuresAlike(t *testing.T) {
+	ts := newTestServer(t, "")
+	ts.register(t, testEmail, testPassword)
+	unknown := ts.login(t, "nobody@example.com", testPassword)
+	for _, w := range []*httptest.ResponseRecorder{
+		ts.login(t, testEmail, "wrong password"),
+		ts.login(t, testEmail, testPassword+strings.Repeat("x", 100)),
+		ts.do(t, "POST", "/login", "application/x-www-form-urlencoded", "username=ann%40example.com&password=nope"),
+	} {
+		if w.Code != unknown.Code || w.Body.String() != unknown.Body.String() {
+			t.Errorf("failure = %d %s, want %d %s as for an unknown email", w.Code, w.Body, unknown.Code, unknown.Body)
+		}
+		for name, want := range unknown.Header() {
+			if got := w.Header().Values(name); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("header %s = %q, want %q as for an unknown email", name, got, want)
+			}
+		}
+	}
+}
+
+// TestDummyHashCostsLikeARealOne checks that a login for an unknown email
+// runs bcrypt at the cost new users' hashes have.
+func TestDummyHashCostsLikeARealOne(t *testing.T) {
+	for _, cost := range []int{bcrypt.MinCost, bcrypt.MinCost + 1} {
+		users, err := openStore(filepath.Join(t.TempDir(), "users.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		accts, err := newAccounts(users, cost)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != cost {
+			t.Errorf("dummy hash cost = %d, %v; want %d", got, err, cost)
+		}
+		u, err := accts.register(testEmail, testPassword)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := bcrypt.Cost([]byte(u.PasswordHash)); got != cost {
+			t.Errorf("user hash cost = %d, want %d", got, cost)
+		}
+	}
+}
+
+// TestUnknownEmailCostsOneComparison checks that a login for an unknown
+// email takes as long as one with a wrong password: it runs bcrypt too. The
+// two are compared with each other, at a cost where bcrypt takes some
+// milliseconds, so a slow machine slows both alike.
+func TestUnknownEmailCostsOneComparison(t *testing.T) {
+	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
+	accts, err := newAccounts(users, bcrypt.MinCost+3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := accts.register(testEmail, testPassword); err != nil {
+		t.Fatal(err)
+	}
+	fastest := func(email string) time.Duration {
+		best := time.Hour
+		for range 5 {
+			start := time.Now()
+			if _, err := accts.authenticate(email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
+				t.Fatalf("authenticate(%s) = %v", email, err)
+			}
+			best = min(best, time.Since(start))
+		}
+		return best
+	}
+	unknown, wrong := fastest("nobody@example.com"), fastest(testEmail)
+	if unknown < wrong/2 {
+		t.Errorf("unknown email took %v, wrong password %v: the unknown email skipped bcrypt", unknown, wrong)
+	}
+}
+
+func TestVerifyPassword(t *testing.T) {
+	pw72 := strings.Repeat("z", 72)
+	hash, err := hashPassword(pw72, bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		password string
+		want     bool
+	}{
+		{pw72, true},
+		{pw72 + "z", false}, // bcrypt alone would say yes: it reads 72 bytes
+		{pw72[:71], false},
+		{"", false},
+	}
+	for _, tt := range tests {
+		if got := verifyPassword(tt.password, hash); got != tt.want {
+			t.Errorf("verifyPassword(%d bytes) = %v, want %v", len(tt.password), got, tt.want)
+		}
+	}
+	if _, err := hashPassword(pw72+"z", bcrypt.MinCost); err == nil {
+		t.Error("hashPassword(73 bytes) succeeded, want an error")
+	}
+}
+
+func TestUsersMe(t *testing.T) {
+	ts := newTestServer(t, "")
+	token := ts.token(t)
+	ghost, _ := createAccessToken("ghost@example.com", []byte(testSecret), ts.clock.now())
+	const notAuth, invalid = "Not authenticated", "Could not validate credentials"
+	tests := []struct {
+		name          string
+		authorization []string // none if empty
+		status        int
+		detail        string
+	}{
+		{"valid token", []string{"Bearer " + token}, 200, ""},
+		{"scheme in lower case", []string{"bearer " + token}, 200, ""},
+		{"scheme in upper case", []string{"BEARER " + token}, 200, ""},
+		{"no header", nil, 401, notAuth},
+		{"empty header", []string{""}, 401, notAuth},
+		{"basic scheme", []string{"Basic YW5uOnB3"}, 401, notAuth},
+		{"token without scheme", []string{token}, 401, notAuth},
+		{"bearer without token", []string{"Bearer"}, 401, invalid},
+		{"bearer with empty token", []string{"Bearer "}, 401, invalid},
+		{"garbage token", []string{"Bearer abc"}, 401, invalid},
+		{"token with a changed signature", []string{"Bearer " + token[:len(token)-2] + "AA"}, 401, invalid},
+		{"token signed with another secret", []string{"Bearer " + mustToken(t, testEmail, "another-secret-of-at-least-32-bytes", ts.clock.now())}, 401, invalid},
+		{"user no longer exists", []string{"Bearer " + ghost}, 401, invalid},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", "/users/me", nil)
+			for _, v := range tt.authorization {
+				r.Header.Set("Authorization", v)
+			}
+			w := httptest.NewRecorder()
+			ts.handler.ServeHTTP(w, r)
+			switch {
+			case tt.status == 200:
+				body := checkJSON(t, w, 200, map[string]any{"id": 1, "email": testEmail})
+				if len(body) != 2 {
+					t.Errorf("body = %s, want only id and email", w.Body)
+				}
+				checkHeaders(t, w, "Cache-Control", "no-store")
+			case tt.detail == notAuth:
+				checkJSON(t, w, 401, map[string]any{"detail": notAuth})
+				checkHeaders(t, w, "WWW-Authenticate", `Bearer realm="api"`)
+			default:
+				checkJSON(t, w, 401, map[string]any{"detail": invalid})
+				checkHeaders(t, w, "WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
+			}
+		})
+	}
+}
+
+func mustToken(t *testing.T, email, secret string, now time.Time) string {
+	t.Helper()
+	token, err := createAccessToken(email, []byte(secret), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return token
+}
+
+// TestTokenLifetime moves the clock: a token opens /users/me for 30
+// minutes, and not a second longer.
+func TestTokenLifetime(t *testing.T) {
+	ts := newTestServer(t, "")
+	token := ts.token(t)
+	steps := []struct {
+		advance time.Duration
+		status  int
+	}{
+		{0, 200},
+		{29 * time.Minute, 200},
+		{59 * time.Second, 200},
+		{time.Second, 401}, // exactly 30 minutes: exp equal to now is expired
+		{time.Minute, 401}, // 31 minutes
+	}
+	for _, s := range steps {
+		ts.clock.advance(s.advance)
+		if w := ts.me(t, token); w.Code != s.status {
+			t.Errorf("at %v: status = %d, want %d", ts.clock.now().Sub(time.Unix(testStart, 0)), w.Code, s.status)
+		}
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	ts := newTestServer(t, "")
+	checkJSON(t, ts.do(t, "GET", "/healthz", "", ""), 200, map[string]any{"status": "ok"})
+}
+
+// TestEveryResponseHeaders checks nosniff on every response, the mux's own
+// 404 and 405 included, and that only those two are not JSON.
+func TestEveryResponseHeaders(t *testing.T) {
+	ts := newTestServer(t, "")
+	token := ts.token(t)
+	tests := []struct {
+		method, path, contentType, body string
+		status                          int
+	}{
+		{"GET", "/healthz", "", "", 200},
+		{"POST", "/register", "application/json", credentialsJSON("bob@example.com", testPassword), 201},
+		{"POST", "/register", "text/plain", "", 415},
+		{"POST", "/login", "application/json", credentialsJSON(testEmail, testPassword), 200},
+		{"POST", "/login", "application/json", credentialsJSON(testEmail, "nope"), 401},
+		{"GET", "/users/me", "", "", 401},
+		{"GET", "/nowhere", "", "", 404},
+		{"GET", "/login", "", "", 405},
+		{"DELETE", "/users/me", "", "", 405},
+	}
+	for _, tt := range tests {
+		w := ts.do(t, tt.method, tt.path, tt.contentType, tt.body)
+		if w.Code != tt.status {
+			t.Errorf("%s %s: status = %d, want %d", tt.method, tt.path, w.Code, tt.status)
+		}
+		if got := w.Header().Get("X-Content-Type-Options"); got != "nosniff" {
+			t.Errorf("%s %s: X-Content-Type-Options = %q, want nosniff", tt.method, tt.path, got)
+		}
+		if json := w.Header().Get("Content-Type") == "application/json"; json != (tt.status != 404 && tt.status != 405) {
+			t.Errorf("%s %s: Content-Type = %q", tt.method, tt.path, w.Header().Get("Content-Type"))
+		}
+	}
+	if w := ts.me(t, token); w.Header().Get("Cache-Control") != "no-store" {
+		t.Errorf("/users/me: Cache-Control = %q, want no-store", w.Header().Get("Cache-Control"))
+	}
+}
+
+// forge builds a token from raw header and claims JSON, signed with
+// HMAC-SHA256 under key over the segments as encoded.
+func forge(header, claims string, key []byte) string {
+	input := b64.EncodeToString([]byte(header)) + "." + b64.EncodeToString([]byte(claims))
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte(input))
+	return input + "." + b64.EncodeToString(mac.Sum(nil))
+}
+
+// signRaw appends to a signing input, as it stands, its HMAC-SHA256 under key.
+func signRaw(input string, key []byte) string {
+	return input + "." + b64.EncodeToString(sign(input, key))
+}
+
+// TestVerifyAccessToken holds the checks of CONTRACT.md's "The token", one
+// forged token for each.
+func TestVerifyAccessToken(t *testing.T) {
+	key := []byte(testSecret)
+	now := time.Unix(testStart, 0)
+	const hdr = `{"alg":"HS256","typ":"JWT"}`
+	claims := func(extra string) string {
+		return fmt.Sprintf(`{"sub":"ann@example.com","iat":%d,"exp":%d%s}`, testStart, testStart+1800, extra)
+	}
+	good := forge(hdr, claims(""), key)
+	segs := strings.Split(good, ".")
+	// The signature's last character carries 2 unused bits; setting one
+	// spells the same bytes differently, which strict decoding refuses.
+	last := segs[2][len(segs[2])-1]
+	tests := []struct {
+		name  string
+		token string
+		ok    bool
+	}{
+		{"valid", good, true},
+		{"valid, typ absent", forge(`{"alg":"HS256"}`, claims(""), key), true},
+		{"valid, header spaced and reordered, signed as received", forge(`{ "typ" : "JWT", "alg" : "HS256" }`, claims(""), key), true},
+		{"valid, claims as a library orders them", forge(hdr, fmt.Sprintf(`{"exp":%d,"iat":%d,"sub":"ann@example.com"}`, testStart+1800, testStart), key), true},
+		{"valid, extra claims", forge(hdr, claims(`,"iss":"x","aud":["y"],"jti":"z"`), key), true},
+		{"valid, exp one second ahead", forge(hdr, fmt.Sprintf(`{"sub":"a","exp":%d}`, testStart+1), key), true},
+		{"valid, exp fractional", forge(hdr, fmt.Sprintf(`{"sub":"a","exp":%d.5}`, testStart), key), true},
+		{"valid, nbf now", forge(hdr, claims(fmt.Sprintf(`,"nbf":%d`, testStart)), key), true},
+		{"valid, nbf past", forge(hdr, claims(`,"nbf":1`), key), true},
+		{"valid, 8 KiB exactly", padTo(t, 8<<10, key), true},
+
+		{"longer than 8 KiB", padTo(t, 8<<10+1, key), false},
+		{"empty", "", false},
+		{"two segments", segs[0] + "." + segs[1], false},
+		{"four segments", good + ".", false},
+		{"four segments with data", good + "." + segs[2], false},
+		{"padding", segs[0] + "." + segs[1] + "=." + segs[2], false},
+		{"standard base64 characters", strings.NewReplacer("-", "+", "_", "/").Replace(good) + "+/", false},
+		{"CR LF inside a segment", signRaw(segs[0][:4]+"\r\n"+segs[0][4:]+"."+segs[1], key), false},
+		{"space inside a segment", segs[0] + " ." + segs[1] + "." + segs[2], false},
+		{"non-zero trailing bits", segs[0] + "." + segs[1] + "." + segs[2][:len(segs[2])-1] + string(alphabet[strings.IndexByte(alphabet, last)|1]), false},
+		{"header not JSON", forge(`alg=HS256`, claims(""), key), false},
+		{"header an array", forge(`["HS256"]`, claims(""), key), false},
+		{"header null", forge(`null`, claims(""), key), false},
+		{"header with trailing data", forge(hdr+`{}`, claims(""), key), false},
+		{"alg none", forge(`{"alg":"none","typ":"JWT"}`, claims(""), key), false},
+		{"alg none, no signature", b64.EncodeToString([]byte(`{"alg":"none"}`)) + "." + segs[1] + ".", false},
+		{"alg hs256", forge(`{"alg":"hs256","typ":"JWT"}`, claims(""), key), false},
+		{"alg HS512", forge(`{"alg":"HS512","typ":"JWT"}`, claims(""), key), false},
+		{"alg RS256", forge(`{"alg":"RS256","typ":"JWT"}`, claims(""), key), false},
+		{"alg missing", forge(`{"typ":"JWT"}`, claims(""), key), false},
+		{"alg a number", forge(`{"alg":256}`, claims(""), key), false},
+		{"alg in another key case", forge(`{"ALG":"HS256"}`, claims(""), key), false},
+		{"alg an array", forge(`{"alg":["HS256"]}`, claims(""), key), false},
+		{"typ not JWT", forge(`{"alg":"HS256","typ":"JWS"}`, claims(""), key), false},
+		{"typ null", forge(`{"alg":"HS256","typ":null}`, claims(""), key), false},
+		{"crit present", forge(`{"alg":"HS256","typ":"JWT","crit":["exp"]}`, claims(""), key), false},
+		{"crit empty", forge(`{"alg":"HS256","crit":[]}`, claims(""), key), false},
+		{"signed with another key", forge(hdr, claims(""), []byte("another-secret-of-at-least-32-bytes")), false},
+		{"signature empty", segs[0] + "." + segs[1] + ".", false},
+		{"signature of re-encoded JSON", b64.EncodeToString([]byte(`{"typ":"JWT","alg":"HS256"}`)) + "." + segs[1] + "." + segs[2], false},
+		{"claims changed after signing", segs[0] + "." + b64.EncodeToString([]byte(claims(`,"admin":true`))) + "." + segs[2], false},
+		{"claims not JSON", forge(hdr, `sub=ann`, key), false},
+		{"claims an array", forge(hdr, `[]`, key), false},
+		{"claims null", forge(hdr, `null`, key), false},
+		{"exp missing", forge(hdr, `{"sub":"ann@example.com"}`, key), false},
+		{"exp a string", forge(hdr, fmt.Sprintf(`{"sub":"a","exp":"%d"}`, testStart+1800), key), false},
+		{"exp null", forge(hdr, `{"sub":"a","exp":null}`, key), false},
+		{"exp true", forge(hdr, `{"sub":"a","exp":true}`, key), false},
+		{"exp equal to now", forge(hdr, fmt.Sprintf(`{"sub":"a","exp":%d}`, testStart), key), false},
+		{"exp past", forge(hdr, fmt.Sprintf(`{"sub":"a","exp":%d}`, testStart-1), key), false},
+		{"exp 0", forge(hdr, `{"sub":"a","exp":0}`, key), false},
+		{"exp out of range", forge(hdr, `{"sub":"a","exp":1e999}`, key), false},
+		{"nbf a second ahead", forge(hdr, claims(fmt.Sprintf(`,"nbf":%d`, testStart+1)), key), false},
+		{"nbf a string", forge(hdr, claims(`,"nbf":"1"`), key), false},
+		{"nbf null", forge(hdr, claims(`,"nbf":null`), key), false},
+		{"sub missing", forge(hdr, fmt.Sprintf(`{"exp":%d}`, testStart+1800), key), false},
+		{"sub empty", forge(hdr, fmt.Sprintf(`{"sub":"","exp":%d}`, testStart+1800), key), false},
+		{"sub a number", forge(hdr, fmt.Sprintf(`{"sub":1,"exp":%d}`, testStart+1800), key), false},
+		{"sub null", forge(hdr, fmt.Sprintf(`{"sub":null,"exp":%d}`, testStart+1800), key), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sub, err := verifyAccessToken(tt.token, key, now)
+			if tt.ok && err != nil {
+				t.Errorf("verifyAccessToken = %v, want it accepted", err)
+			}
+			if !tt.ok && (err == nil || !errors.Is(err, errInvalidToken)) {
+				t.Errorf("verifyAccessToken = %q, %v; want errInvalidToken", sub, err)
+			}
+		})
+	}
+}
+
+// alphabet is base64url's, in value order.
+const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+// padTo returns a valid token of exactly n bytes, padded by an extra claim.
+func padTo(t *testing.T, n int, key []byte) string {
+	t.Helper()
+	for pad := 0; pad < n; pad++ {
+		claims := fmt.Sprintf(`{"sub":"a","exp":%d,"pad":"%s"}`, testStart+1800, strings.Repeat("x", pad))
+		if token := forge(`{"alg":"HS256","typ":"JWT"}`, claims, key); len(token) >= n {
+			if len(token) != n {
+				continue // this length cannot be hit with this pad; try on
+			}
+			return token
+		}
+	}
+	t.Fatalf("no token of %d bytes", n)
+	return ""
+}
+
+// TestRFC7515Vector checks the HS256 example of RFC 7515 Appendix A.1: its
+// signature is good under the appendix's key, and it is still refused,
+// because its exp (2011) is past and it has no sub.
+func TestRFC7515Vector(t *testing.T) {
+	const token = "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9" +
+		".eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ" +
+		".dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+	key, err := base64.RawURLEncoding.DecodeString("AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.LastIndexByte(token, '.')
+	if got, want := b64.EncodeToString(sign(token[:i], key)), token[i+1:]; got != want {
+		t.Fatalf("signature = %s, want the RFC's %s", got, want)
+	}
+	_, err = verifyAccessToken(token, key, time.Unix(testStart, 0))
+	if !errors.Is(err, errInvalidToken) || !strings.Contains(err.Error(), "expired") {
+		t.Errorf("verify now = %v, want refused as expired", err)
+	}
+	_, err = verifyAccessToken(token, key, time.Unix(1300819379, 0)) // a second before its exp
+	if !errors.Is(err, errInvalidToken) || !strings.Contains(err.Error(), "sub") {
+		t.Errorf("verify before exp = %v, want refused for want of sub", err)
+	}
+}
+
+func TestCreateAccessToken(t *testing.T) {
+	now := time.Unix(testStart, 0)
+	token := mustToken(t, testEmail, testSecret, now)
+	segs := strings.Split(token, ".")
+	if len(segs) != 3 {
+		t.Fatalf("token has %d segments, want 3", len(segs))
+	}
+	header, _ := b64.DecodeString(segs[0])
+	if got := string(header); got != `{"alg":"HS256","typ":"JWT"}` {
+		t.Errorf("header = %s", got)
+	}
+	claims, _ := b64.DecodeString(segs[1])
+	want := fmt.Sprintf(`{"sub":"ann@example.com","iat":%d,"exp":%d}`, testStart, testStart+1800)
+	if got := string(claims); got != want {
+		t.Errorf("claims = %s, want %s", got, want)
+	}
+	if sub, err := verifyAccessToken(token, []byte(testSecret), now.Add(29*time.Minute)); err != nil || sub != testEmail {
+		t.Errorf("verify at 29 min = %q, %v; want %q, nil", sub, err, testEmail)
+	}
+	if _, err := verifyAccessToken(token, []byte(testSecret), now.Add(31*time.Minute)); !errors.Is(err, errInvalidToken) {
+		t.Errorf("verify at 31 min = %v, want errInvalidToken", err)
+	}
+}
+
+func TestStoreSurvivesRestart(t *testing.T) {
+	first := newTestServer(t, "")
+	token := first.token(t)
+	first.register(t, "bob@example.com", testPassword)
+
+	second := newTestServer(t, first.path)
+	checkJSON(t, second.me(t, token), 200, map[string]any{"id": 1, "email": testEmail})
+	checkJSON(t, second.login(t, "bob@example.com", testPassword), 200, nil)
+	checkJSON(t, second.register(t, "ANN@example.com", testPassword), 409, nil)
+	checkJSON(t, second.register(t, "cat@example.com", testPassword), 201, map[string]any{"id": 3})
+}
+
+func TestStoreFile(t *testing.T) {
+	ts := newTestServer(t, "")
+	if _, err := os.Stat(ts.path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("users file exists before the first registration: %v", err)
+	}
+	ts.register(t, testEmail, testPassword)
+	ts.register(t, "bob@example.com", testPassword)
+
+	info, err := os.Stat(ts.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := info.Mode().Perm(); got != 0o600 {
+		t.Errorf("mode = %v, want 0600", got)
+	}
+	data, _ := os.ReadFile(ts.path)
+	if bytes.Contains(data, []byte(testPassword)) {
+		t.Error("users file holds a password")
+	}
+	var f storeFile
+	if err := json.Unmarshal(data, &f); err != nil {
+		t.Fatalf("users file is not JSON: %v", err)
+	}
+	if f.NextID != 3 || len(f.Users) != 2 || f.Users[0].ID != 1 || f.Users[1].Email != "bob@example.com" {
+		t.Errorf("users file = %+v", f)
+	}
+	for _, u := range f.Users {
+		if cost, err := bcrypt.Cost([]byte(u.PasswordHash)); err != nil || cost != bcrypt.MinCost {
+			t.Errorf("hash of %s: cost %d, %v", u.Email, cost, err)
+		}
+	}
+	entries, _ := os.ReadDir(filepath.Dir(ts.path))
+	if len(entries) != 1 {
+		t.Errorf("folder holds %d files, want only the users file (no temporary files left)", len(entries))
+	}
+}
+
+// TestStoreIDsNeverRepeat removes the last user by hand: the next one
+// still gets a new id.
+func TestStoreIDsNeverRepeat(t *testing.T) {
+	ts := newTestServer(t, "")
+	ts.register(t, testEmail, testPassword)
+	ts.register(t, "bob@example.com", testPassword)
+	data, _ := os.ReadFile(ts.path)
+	var f storeFile
+	if err := json.Unmarshal(data, &f); err != nil {
+		t.Fatal(err)
+	}
+	f.Users = f.Users[:1]
+	data, _ = json.Marshal(f)
+	if err := os.WriteFile(ts.path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	again := newTestServer(t, ts.path)
+	checkJSON(t, again.register(t, "cat@example.com", testPassword), 201, map[string]any{"id": 3})
+}
+
+func TestStoreRefusesInvalidFile(t *testing.T) {
+	hash, _ := hashPassword(testPassword, bcrypt.MinCost)
+	user := func(id int, email string) string {
+		return fmt.Sprintf(`{"id":%d,"email":%q,"password_hash":%q}`, id, email, hash)
+	}
+	valid := `{"next_id":3,"users":[` + user(1, "ann@example.com") + `,` + user(2, "bob@example.com") + `]}`
+	tests := []struct{ name, content string }{
+		{"empty", ``},
+		{"truncated", valid[:len(valid)/2]},
+		{"garbage", "\x00\x01not json"},
+		{"an array", `[]`},
+		{"null", `null`},
+		{"trailing data", valid + `{}`},
+		{"unknown field", `{"next_id":1,"users":[],"admins":[]}`},
+		{"duplicate emails", `{"next_id":3,"users":[` + user(1, "ann@example.com") + `,` + user(2, "ann@example.com") + `]}`},
+		{"duplicate emails in another case", `{"next_id":3,"users":[` + user(1, "ann@example.com") + `,` + user(2, "Ann@example.com") + `]}`},
+		{"duplicate ids", `{"next_id":3,"users":[` + user(1, "ann@example.com") + `,` + user(1, "bob@example.com") + `]}`},
+		{"id zero", `{"next_id":3,"users":[` + user(0, "ann@example.com") + `]}`},
+		{"empty email", `{"next_id":3,"users":[` + user(1, "") + `]}`},
+		{"next_id not above ids", `{"next_id":2,"users":[` + user(1, "ann@example.com") + `,` + user(2, "bob@example.com") + `]}`},
+		{"not a bcrypt hash", `{"next_id":2,"users":[{"id":1,"email":"ann@example.com","password_hash":"secret"}]}`},
+		{"id a string", `{"next_id":2,"users":[{"id":"1","email":"ann@example.com","password_hash":"x"}]}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "users.json")
+			if err := os.WriteFile(path, []byte(tt.content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			_, err := openStore(path)
+			if err == nil || !strings.Contains(err.Error(), path) {
+				t.Errorf("openStore = %v, want an error naming %s", err, path)
+			}
+			if got, _ := os.ReadFile(path); string(got) != tt.content {
+				t.Errorf("file changed to %q", got)
+			}
+		})
+	}
+	t.Run("valid control", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "users.json")
+		os.WriteFile(path, []byte(valid), 0o600)
+		s, err := openStore(path)
+		if err != nil {
+			t.Fatalf("openStore(valid) = %v", err)
+		}
+		if u, ok := s.lookup("bob@example.com"); !ok || u.ID != 2 {
+			t.Errorf("lookup(bob) = %+v, %v", u, ok)
+		}
+	})
+}
+
+// TestRegisterWriteFails breaks the users file's folder in three ways: the
+// registration answers 500, memory does not hold the user, and the folder
+// is as it was before the failed write. Once the folder is repaired, the
+// next write and the next start see only what was answered with a 201.
+func TestRegisterWriteFails(t *testing.T) {
+	tests := []struct {
+		name            string
+		breakIt, repair func(t *testing.T, dir, path string)
+	}{
+		{
+			name: "read-only folder",
+			breakIt: func(t *testing.T, dir, path string) {
+				if os.Geteuid() == 0 {
+					t.Skip("root writes to read-only folders; the other cases fail the write as root too")
+				}
+				os.Chmod(dir, 0o500)
+				t.Cleanup(func() { os.Chmod(dir, 0o700) })
+			},
+			repair: func(t *testing.T, dir, path string) { os.Chmod(dir, 0o700) },
+		},
+		{
+			name:    "folder removed",
+			breakIt: func(t *testing.T, dir, path string) { os.RemoveAll(dir) },
+			repair:  func(t *testing.T, dir, path string) { os.Mkdir(dir, 0o700) },
+		},
+		{
+			// A folder in the file's place: the temporary file is written and
+			// synced, and then cannot be renamed over it.
+			name: "rename fails",
+			breakIt: func(t *testing.T, dir, path string) {
+				os.Remove(path)
+				os.MkdirAll(filepath.Join(path, "keep"), 0o700)
+			},
+			repair: func(t *testing.T, dir, path string) { os.RemoveAll(path) },
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "data")
+			os.Mkdir(dir, 0o700)
+			ts := newTestServer(t, filepath.Join(dir, "users.json"))
+			checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
+			tt.breakIt(t, dir, ts.path)
+			before := snapshot(t, dir)
+
+			checkJSON(t, ts.register(t, "bob@example.com", testPassword), 500, map[string]any{"detail": "Internal server error"})
+			if _, found := ts.users.lookup("bob@example.com"); found {
+				t.Error("user in memory after a failed write")
+			}
+			checkJSON(t, ts.login(t, "bob@example.com", testPassword), 401, nil)
+			if after := snapshot(t, dir); after != before {
+				t.Errorf("folder changed by a failed write:\nbefore: %s\nafter: %s", before, after)
+			}
+
+			tt.repair(t, dir, ts.path)
+			checkJSON(t, ts.register(t, "cat@example.com", testPassword), 201, map[string]any{"id": 2})
+			restarted, err := openStore(ts.path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for email, want := range map[string]bool{testEmail: true, "bob@example.com": false, "cat@example.com": true} {
+				if _, found := restarted.lookup(email); found != want {
+					t.Errorf("after restart, %s registered = %v, want %v", email, found, want)
+				}
+			}
+		})
+	}
+}
+
+// snapshot describes every file below dir: its name and content.
+func snapshot(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			fmt.Fprintf(&b, "%s: %v\n", path, errors.Unwrap(err))
+			return nil
+		}
+		data, _ := os.ReadFile(path)
+		fmt.Fprintf(&b, "%s %q\n", path, data)
+		return nil
+	})
+	return b.String()
+}
+
+// TestRoundTrip drives a real HTTP server the way a client would.
+func TestRoundTrip(t *testing.T) {
+	ts := newTestServer(t, "")
+	srv := httptest.NewServer(ts.handler)
+	defer srv.Close()
+
+	res, err := http.Post(srv.URL+"/register", "application/json", strings.NewReader(credentialsJSON(testEmail, testPassword)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 201 {
+		t.Fatalf("register: %d", res.StatusCode)
+	}
+	res, err = http.PostForm(srv.URL+"/login", url.Values{"grant_type": {"password"}, "username": {testEmail}, "password": {testPassword}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tok struct {
+		AccessToken string `json:"access_token"`
+		TokenType   string `json:"token_type"`
+	}
+	err = json.NewDecoder(res.Body).Decode(&tok)
+	res.Body.Close()
+	if err != nil || res.StatusCode != 200 || tok.TokenType != "bearer" {
+		t.Fatalf("login: %d %+v %v", res.StatusCode, tok, err)
+	}
+	req, _ := http.NewRequest("GET", srv.URL+"/users/me", nil)
+	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
+	res, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || decode(t, body)["email"] != testEmail {
+		t.Errorf("/users/me = %d %s", res.StatusCode, body)
+	}
+}
+
+// TestLogNoSecrets checks the request log: one line per request with
+// method, path, status and duration, and never a password, hash or token.
+func TestLogNoSecrets(t *testing.T) {
+	var buf bytes.Buffer
+	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
+	accts, _ := newAccounts(users, bcrypt.MinCost)
+	clock := newFakeClock()
+	ts := &testServer{
+		handler: newServer(slog.New(slog.NewTextHandler(&buf, nil)), accts, []byte(testSecret), clock.now),
+		users:   users, clock: clock,
+	}
+	token := ts.token(t)
+	ts.me(t, token)
+	ts.login(t, testEmail, "a wrong password")
+	ts.do(t, "POST", "/login", "application/x-www-form-urlencoded", "username=ann%40example.com&password=form+password")
+
+	log := buf.String()
+	u, _ := users.lookup(testEmail)
+	for _, secret := range []string{testPassword, "a wrong password", "form password", "form+password", u.PasswordHash, token, testSecret} {
+		if strings.Contains(log, secret) {
+			t.Errorf("log holds %q:\n%s", secret, log)
+		}
+	}
+	lines := strings.Split(strings.TrimSpace(log), "\n")
+	if len(lines) != 5 {
+		t.Errorf("log has %d lines, want one for each of 5 requests:\n%s", len(lines), log)
+	}
+	line := regexp.MustCompile(`method=(GET|POST) path=/\S+ status=\d{3} duration=\S+`)
+	for _, l := range lines {
+		if !line.MatchString(l) {
+			t.Errorf("log line %q lacks method, path, status or duration", l)
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer that run's logger and the test may share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// startRun runs the program in a goroutine on a free loopback port and
+// returns its address, its log, and a channel that gets run's result.
+func startRun(t *testing.T, ctx context.Context, args []string, env map[string]string) (string, *syncBuffer, chan error) {
+	t.Helper()
+	out := &syncBuffer{}
+	done := make(chan error, 1)
+	lookupEnv := func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+	go func() { done <- run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), lookupEnv, out) }()
+	addrRe := regexp.MustCompile(`msg=listening addr=(\S+)`)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if m := addrRe.FindStringSubmatch(out.String()); m != nil {
+			return m[1], out, done
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("run ended before listening: %v\n%s", err, out)
+		default:
+		}
+	}
+	t.Fatalf("run did not start listening:\n%s", out)
+	return "", nil, nil
+}
+
+func TestRunServesAndStops(t *testing.T) {
+	dir := t.TempDir()
+	users := filepath.Join(dir, "users.json")
+	ctx, cancel := context.WithCancel(context.Background())
+	addr, out, done := startRun(t, ctx, []string{"-users", users}, map[string]string{"JWT_SECRET": testSecret})
+
+	res, err := http.Get("http://" + addr + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Errorf("/healthz = %d", res.StatusCode)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run = %v, want nil after the context ends", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not stop")
+	}
+	log := out.String()
+	if !strings.Contains(log, "addr="+addr) || !strings.Contains(log, "path=/healthz status=200") {
+		t.Errorf("log lacks the start line or the request line:\n%s", log)
+	}
+	if strings.Contains(log, "JWT_SECRET") {
+		t.Errorf("log warns about JWT_SECRET although it is set:\n%s", log)
+	}
+}
+
+// TestRunStopsOnSIGTERM sends the test process SIGTERM while run holds the
+// signal: run returns nil, so main exits 0.
+func TestRunStopsOnSIGTERM(t *testing.T) {
+	_, _, done := startRun(t, context.Background(), []string{"-users", filepath.Join(t.TempDir(), "u.json")}, map[string]string{"JWT_SECRET": testSecret})
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run = %v, want nil on SIGTERM", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not stop on SIGTERM")
+	}
+}
+
+func TestRunWithoutSecretWarns(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	_, out, _ := startRun(t, ctx, []string{"-users", filepath.Join(t.TempDir(), "u.json")}, nil)
+	if log := out.String(); !strings.Contains(log, "level=WARN") || !strings.Contains(log, "JWT_SECRET") || !strings.Contains(log, "restart") {
+		t.Errorf("log lacks the warning about JWT_SECRET:\n%s", log)
+	}
+}
+
+func TestRunRefusesToStart(t *testing.T) {
+	dir := t.TempDir()
+	corrupt := filepath.Join(dir, "corrupt.json")
+	const corruptContent = `{"next_id": 2, "users": [`
+	os.WriteFile(corrupt, []byte(corruptContent), 0o600)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	tests := []struct {
+		name  string
+		args  []string
+		env   map[string]string
+		words []string
+	}{
+		{"short secret", []string{"-users", filepath.Join(dir, "a.json")}, map[string]string{"JWT_SECRET": "0123456789"}, []string{"JWT_SECRET", "10 bytes", "32"}},
+		{"empty secret", []string{"-users", filepath.Join(dir, "a.json")}, map[string]string{"JWT_SECRET": ""}, []string{"JWT_SECRET", "32"}},
+		{"corrupt users file", []string{"-users", corrupt}, map[string]string{"JWT_SECRET": testSecret}, []string{corrupt}},
+		{"unknown flag", []string{"-port", "80"}, nil, []string{"port"}},
+		{"address in use", []string{"-addr", busy.Addr().String(), "-users", filepath.Join(dir, "b.json")}, map[string]string{"JWT_SECRET": testSecret}, []string{"listen"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out syncBuffer
+			lookupEnv := func(k string) (string, bool) { v, ok := tt.env[k]; return v, ok }
+			err := run(context.Background(), tt.args, lookupEnv, &out)
+			if err == nil {
+				t.Fatal("run = nil, want an error")
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error %q is not one line", err)
+			}
+			for _, w := range tt.words {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+	if got, _ := os.ReadFile(corrupt); string(got) != corruptContent {
+		t.Errorf("corrupt users file changed to %q", got)
+	}
+}
+
+// TestReadmeCommands keeps the README honest about the two commands.
+func TestReadmeCommands(t *testing.T) {
+	data, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	found := map[string]bool{}
+	for sc.Scan() {
+		found[strings.TrimSpace(sc.Text())] = true
+	}
+	for _, cmd := range []string{"go run .", "go test ./..."} {
+		if !found[cmd] {
+			t.Errorf("README has no line %q", cmd)
+		}
+	}
+}
