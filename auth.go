@@ -1,19 +1,26 @@
 // auth.go holds passwords and users: the tutorial's User, hashPassword and
-// verifyPassword, the rules an email and a password must meet, and accounts,
-// which registers users and checks a login.
+// verifyPassword, the rules an email and a password must meet, accounts,
+// which registers users and checks a login, and loginLimiter, which stops
+// password guessing.
 //
 // A failed login must not tell anyone which emails are registered, neither
 // by what it says nor by how long it takes. So a login for an unknown email
 // still runs one bcrypt comparison, against a dummy hash made at start, and
-// every failure is the same errInvalidCredentials.
+// every failure is the same errInvalidCredentials. And since anyone may try
+// a password, failures are counted, per client address and email and per
+// client address, and past a limit a login is refused before bcrypt runs
+// (RFC 6749 section 4.3.2, NIST SP 800-63B section 5.2.2).
 package main
 
 import (
+	"container/list"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"net/mail"
 	"strings"
+	"sync"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -94,21 +101,23 @@ func verifyPassword(password, hash string) bool {
 
 // accounts registers users and checks logins against the store.
 type accounts struct {
-	users *store
-	cost  int // bcrypt cost of new hashes: bcrypt.DefaultCost, or MinCost in tests
+	users   *store
+	limiter *loginLimiter
+	cost    int // bcrypt cost of new hashes: bcrypt.DefaultCost, or MinCost in tests
 	// dummyHash is compared when a login names an unknown email, so that it
 	// costs the same time as a wrong password and does not reveal which
 	// emails are registered.
 	dummyHash string
 }
 
-// newAccounts returns accounts over users, hashing new passwords at cost.
-func newAccounts(users *store, cost int) (*accounts, error) {
+// newAccounts returns accounts over users, hashing new passwords at cost
+// and throttling failed logins with limiter.
+func newAccounts(users *store, limiter *loginLimiter, cost int) (*accounts, error) {
 	dummyHash, err := hashPassword(rand.Text(), cost)
 	if err != nil {
 		return nil, fmt.Errorf("make dummy hash: %w", err)
 	}
-	return &accounts{users: users, cost: cost, dummyHash: dummyHash}, nil
+	return &accounts{users: users, limiter: limiter, cost: cost, dummyHash: dummyHash}, nil
 }
 
 // register creates a user. It returns a validationError if the email or
@@ -135,10 +144,18 @@ func (a *accounts) register(email, password string) (User, error) {
 }
 
 // authenticate returns the user whose email and password these are, or
-// errInvalidCredentials. It applies none of the registration rules: any
-// password is simply compared with the stored hash.
-func (a *accounts) authenticate(email, password string) (User, error) {
-	u, found := a.users.lookup(normalizeEmail(email))
+// errInvalidCredentials, or a *throttledError if client, the caller's
+// address, has failed too often. It applies none of the registration
+// rules: any password is simply compared with the stored hash.
+func (a *accounts) authenticate(client, email, password string) (User, error) {
+	email = normalizeEmail(email)
+	// Decided before bcrypt runs, from the email as given, registered or
+	// not: a throttled login costs nothing and tells nothing.
+	attempt, err := a.limiter.begin(client, email)
+	if err != nil {
+		return User{}, err
+	}
+	u, found := a.users.lookup(email)
 	if !found {
 		// Same bcrypt cost as a wrong password, so timing does not reveal
 		// that the email is unknown.
@@ -148,5 +165,158 @@ func (a *accounts) authenticate(email, password string) (User, error) {
 	if !verifyPassword(password, u.PasswordHash) {
 		return User{}, errInvalidCredentials
 	}
+	a.limiter.succeeded(attempt)
 	return u, nil
+}
+
+// Throttling of failed logins.
+const (
+	failureWindow     = 15 * time.Minute
+	maxLimiterEntries = 100_000 // bounds the counters' memory: about 20 MB
+)
+
+// throttledError refuses a login, without checking it, to a client that
+// failed too often; it may try again after retryAfter.
+type throttledError struct {
+	retryAfter time.Duration
+}
+
+func (e *throttledError) Error() string {
+	return fmt.Sprintf("too many failed logins: retry after %v", e.retryAfter)
+}
+
+// loginLimiter counts failed logins over a 15-minute window, for each client
+// address and email together and for each client address alone. A window
+// opens at a key's first failure; once its count reaches the limit, every
+// attempt under that key is refused until the window closes.
+//
+// An attempt is counted as a failure when it begins, before bcrypt runs,
+// and taken back if it succeeds. So concurrent guesses cannot slip past the
+// limit while bcrypt runs.
+type loginLimiter struct {
+	maxPerAccount int // failures for one address and email; 0: no limit
+	maxPerAddress int // failures for one address; 0: no limit
+	maxEntries    int
+	now           func() time.Time
+
+	// mu guards the fields below. It is never held while bcrypt runs.
+	mu      sync.Mutex
+	entries map[limiterKey]*list.Element // each holds a *failureCount
+	// byAge holds the entries oldest first. Every window is 15 minutes
+	// long, so the oldest entry is also the first to expire.
+	byAge list.List
+}
+
+// limiterKey names a counter: email is "" for an address's own counter.
+type limiterKey struct {
+	addr, email string
+	account     bool // true for the address-and-email counter
+}
+
+// failureCount is one counter's state.
+type failureCount struct {
+	key     limiterKey
+	count   int
+	expires time.Time // when the window, opened by the first failure, closes
+}
+
+// loginAttempt is what begin counted, for succeeded to take back.
+type loginAttempt struct {
+	addr, email string
+}
+
+// newLoginLimiter returns a limiter with the given limits (0 turns one off)
+// and clock.
+func newLoginLimiter(maxPerAccount, maxPerAddress int, now func() time.Time) *loginLimiter {
+	return &loginLimiter{
+		maxPerAccount: maxPerAccount,
+		maxPerAddress: maxPerAddress,
+		maxEntries:    maxLimiterEntries,
+		now:           now,
+		entries:       make(map[limiterKey]*list.Element),
+	}
+}
+
+// begin counts a login attempt by addr for email as a failure, or returns a
+// *throttledError, counting nothing, if a limit is already reached.
+func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	l.dropExpired(now)
+
+	keys := []struct {
+		key limiterKey
+		max int
+	}{
+		{limiterKey{addr: addr, email: email, account: true}, l.maxPerAccount},
+		{limiterKey{addr: addr}, l.maxPerAddress},
+	}
+	var wait time.Duration
+	for _, k := range keys {
+		if c := l.get(k.key); k.max > 0 && c != nil && c.count >= k.max {
+			wait = max(wait, c.expires.Sub(now))
+		}
+	}
+	if wait > 0 {
+		return loginAttempt{}, &throttledError{retryAfter: wait}
+	}
+	for _, k := range keys {
+		if k.max > 0 {
+			l.add(k.key, now)
+		}
+	}
+	return loginAttempt{addr: addr, email: email}, nil
+}
+
+// succeeded takes back the failure that begin counted for a login that
+// succeeded, and clears the count for its address and email.
+func (l *loginLimiter) succeeded(a loginAttempt) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e, ok := l.entries[limiterKey{addr: a.addr, email: a.email, account: true}]; ok {
+		l.remove(e)
+	}
+	if e, ok := l.entries[limiterKey{addr: a.addr}]; ok {
+		if c := e.Value.(*failureCount); c.count > 1 {
+			c.count--
+		} else {
+			l.remove(e)
+		}
+	}
+}
+
+// get returns key's counter, or nil.
+func (l *loginLimiter) get(key limiterKey) *failureCount {
+	if e, ok := l.entries[key]; ok {
+		return e.Value.(*failureCount)
+	}
+	return nil
+}
+
+// add counts one failure under key, opening a window if there is none. When
+// the counters are full, the oldest goes to make room.
+func (l *loginLimiter) add(key limiterKey, now time.Time) {
+	if c := l.get(key); c != nil {
+		c.count++
+		return
+	}
+	if len(l.entries) >= l.maxEntries {
+		l.remove(l.byAge.Front())
+	}
+	c := &failureCount{key: key, count: 1, expires: now.Add(failureWindow)}
+	l.entries[key] = l.byAge.PushBack(c)
+}
+
+// dropExpired removes the counters whose window has closed: they are at the
+// front of byAge.
+func (l *loginLimiter) dropExpired(now time.Time) {
+	for e := l.byAge.Front(); e != nil && !now.Before(e.Value.(*failureCount).expires); e = l.byAge.Front() {
+		l.remove(e)
+	}
+}
+
+func (l *loginLimiter) remove(e *list.Element) {
+	delete(l.entries, e.Value.(*failureCount).key)
+	l.byAge.Remove(e)
 }

@@ -31,6 +31,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -59,11 +60,16 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	flags.SetOutput(stderr)
 	addr := flags.String("addr", "localhost:8080", "address to listen on")
 	usersPath := flags.String("users", "users.json", "file that stores the users (created on the first registration)")
+	maxPerAccount := flags.Int("max-failures-per-account", 5, "failed logins for one client address and email in 15 minutes before logins are refused (0: no limit)")
+	maxPerAddress := flags.Int("max-failures-per-address", 100, "failed logins for one client address in 15 minutes before logins are refused (0: no limit)")
 	if err := flags.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return err
+	}
+	if *maxPerAccount < 0 || *maxPerAddress < 0 {
+		return errors.New("-max-failures-per-account and -max-failures-per-address must be 0 (no limit) or more")
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 
@@ -75,7 +81,8 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return err
 	}
-	accts, err := newAccounts(users, bcrypt.DefaultCost)
+	limiter := newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now)
+	accts, err := newAccounts(users, limiter, bcrypt.DefaultCost)
 	if err != nil {
 		return err
 	}
@@ -86,6 +93,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
 		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10, // room for a token (8 KiB at most) and ordinary headers
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	ln, err := net.Listen("tcp", *addr)
@@ -196,13 +204,18 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 		if !ok {
 			return
 		}
-		u, err := accts.authenticate(email, password)
-		if errors.Is(err, errInvalidCredentials) {
+		u, err := accts.authenticate(clientAddr(r), email, password)
+		var throttled *throttledError
+		switch {
+		case errors.As(err, &throttled):
+			w.Header().Set("Retry-After", strconv.FormatInt(int64((throttled.retryAfter+time.Second-1)/time.Second), 10))
+			writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
+			return
+		case errors.Is(err, errInvalidCredentials):
 			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
 			writeError(w, http.StatusUnauthorized, "Invalid email or password")
 			return
-		}
-		if err != nil {
+		case err != nil:
 			logger.Error("login", "err", err)
 			writeError(w, http.StatusInternalServerError, "Internal server error")
 			return
@@ -258,6 +271,16 @@ func handleHealthz() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
+}
+
+// clientAddr returns the host of the connection's remote address. Proxy
+// headers such as X-Forwarded-For are not trusted: any client can set them.
+func clientAddr(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
 }
 
 // bearerToken returns the token of an "Authorization: Bearer <token>"

@@ -77,11 +77,11 @@ func newTestServer(t *testing.T, path string) *testServer {
 	if err != nil {
 		t.Fatalf("openStore: %v", err)
 	}
-	accts, err := newAccounts(users, bcrypt.MinCost)
+	clock := newFakeClock()
+	accts, err := newAccounts(users, newLoginLimiter(5, 100, clock.now), bcrypt.MinCost)
 	if err != nil {
 		t.Fatalf("newAccounts: %v", err)
 	}
-	clock := newFakeClock()
 	logger := slog.New(slog.DiscardHandler)
 	return &testServer{
 		handler: newServer(logger, accts, []byte(testSecret), clock.now),
@@ -422,7 +422,7 @@ func TestDummyHashCostsLikeARealOne(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		accts, err := newAccounts(users, cost)
+		accts, err := newAccounts(users, newLoginLimiter(0, 0, time.Now), cost)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -445,7 +445,7 @@ func TestDummyHashCostsLikeARealOne(t *testing.T) {
 // milliseconds, so a slow machine slows both alike.
 func TestUnknownEmailCostsOneComparison(t *testing.T) {
 	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
-	accts, err := newAccounts(users, bcrypt.MinCost+3)
+	accts, err := newAccounts(users, newLoginLimiter(0, 0, time.Now), bcrypt.MinCost+3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -456,7 +456,7 @@ func TestUnknownEmailCostsOneComparison(t *testing.T) {
 		best := time.Hour
 		for range 5 {
 			start := time.Now()
-			if _, err := accts.authenticate(email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
+			if _, err := accts.authenticate("192.0.2.1", email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
 				t.Fatalf("authenticate(%s) = %v", email, err)
 			}
 			best = min(best, time.Since(start))
@@ -1043,8 +1043,8 @@ func TestRoundTrip(t *testing.T) {
 func TestLogNoSecrets(t *testing.T) {
 	var buf bytes.Buffer
 	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
-	accts, _ := newAccounts(users, bcrypt.MinCost)
 	clock := newFakeClock()
+	accts, _ := newAccounts(users, newLoginLimiter(5, 100, clock.now), bcrypt.MinCost)
 	ts := &testServer{
 		handler: newServer(slog.New(slog.NewTextHandler(&buf, nil)), accts, []byte(testSecret), clock.now),
 		users:   users, clock: clock,
@@ -1233,4 +1233,416 @@ func TestReadmeCommands(t *testing.T) {
 			t.Errorf("README has no line %q", cmd)
 		}
 	}
+}
+
+// throttled is the 429 a throttled login gets.
+const throttledDetail = "Too many failed login attempts, try again later"
+
+// loginFrom logs in with JSON from a client address.
+func (ts *testServer) loginFrom(t *testing.T, addr, email, password string) *httptest.ResponseRecorder {
+	t.Helper()
+	r := httptest.NewRequest("POST", "/login", strings.NewReader(credentialsJSON(email, password)))
+	r.RemoteAddr = net.JoinHostPort(addr, "40000")
+	r.Header.Set("Content-Type", "application/json")
+	w := httptest.NewRecorder()
+	ts.handler.ServeHTTP(w, r)
+	return w
+}
+
+// checkThrottled checks a 429 and its Retry-After.
+func checkThrottled(t *testing.T, w *httptest.ResponseRecorder, retryAfter string) {
+	t.Helper()
+	checkJSON(t, w, http.StatusTooManyRequests, map[string]any{"detail": throttledDetail})
+	checkHeaders(t, w, "Retry-After", retryAfter)
+}
+
+// TestThrottlePerAccount: five failures for one address and email, then
+// 429s for that pair only, the right password included, until the window
+// closes; for a registered and an unknown email alike.
+func TestThrottlePerAccount(t *testing.T) {
+	for _, email := range []string{testEmail, "nobody@example.com"} {
+		t.Run(email, func(t *testing.T) {
+			ts := newTestServer(t, "")
+			ts.register(t, testEmail, testPassword)
+			const attacker = "198.51.100.7"
+			for range 5 {
+				checkJSON(t, ts.loginFrom(t, attacker, email, "guess"), 401, nil)
+				ts.clock.advance(10 * time.Second)
+			}
+			// The window opened at the first failure, 50 s ago: 850 s are left.
+			checkThrottled(t, ts.loginFrom(t, attacker, email, "guess"), "850")
+			checkThrottled(t, ts.loginFrom(t, attacker, email, testPassword), "850")
+			checkThrottled(t, ts.loginFrom(t, attacker, "  "+strings.ToUpper(email), testPassword), "850")
+			ts.clock.advance(1500 * time.Millisecond)
+			checkThrottled(t, ts.loginFrom(t, attacker, email, testPassword), "849") // 848.5 s, rounded up
+
+			// The same email from another address, and other emails from this
+			// one, are not throttled.
+			checkJSON(t, ts.loginFrom(t, "203.0.113.9", email, "guess"), 401, nil)
+			checkJSON(t, ts.loginFrom(t, attacker, "other@example.com", "guess"), 401, nil)
+
+			ts.clock.advance(848*time.Second + 500*time.Millisecond) // the window closes
+			want := 200
+			if email != testEmail {
+				want = 401
+			}
+			checkJSON(t, ts.loginFrom(t, attacker, email, testPassword), want, nil)
+		})
+	}
+}
+
+// TestThrottleSuccessClearsCount: four failures and a success leave room
+// for five more failures.
+func TestThrottleSuccessClearsCount(t *testing.T) {
+	ts := newTestServer(t, "")
+	ts.register(t, testEmail, testPassword)
+	for range 4 {
+		checkJSON(t, ts.loginFrom(t, "198.51.100.7", testEmail, "guess"), 401, nil)
+	}
+	checkJSON(t, ts.loginFrom(t, "198.51.100.7", testEmail, testPassword), 200, nil)
+	for range 5 {
+		checkJSON(t, ts.loginFrom(t, "198.51.100.7", testEmail, "guess"), 401, nil)
+	}
+	checkThrottled(t, ts.loginFrom(t, "198.51.100.7", testEmail, testPassword), "900")
+}
+
+// TestThrottlePerAddress: 100 failures from one address, spread over many
+// emails, throttle every email from that address, and no other address.
+func TestThrottlePerAddress(t *testing.T) {
+	ts := newTestServer(t, "")
+	ts.register(t, testEmail, testPassword)
+	const attacker = "2001:db8::1"
+	for i := range 100 {
+		checkJSON(t, ts.loginFrom(t, attacker, fmt.Sprintf("user%d@example.com", i), "guess"), 401, nil)
+	}
+	checkThrottled(t, ts.loginFrom(t, attacker, testEmail, testPassword), "900")
+	checkThrottled(t, ts.loginFrom(t, attacker, "user999@example.com", "guess"), "900")
+	checkJSON(t, ts.loginFrom(t, "2001:db8::2", testEmail, testPassword), 200, nil)
+	ts.clock.advance(failureWindow)
+	checkJSON(t, ts.loginFrom(t, attacker, testEmail, testPassword), 200, nil)
+}
+
+// TestThrottleProxyHeadersIgnored: a client cannot pick its counted
+// address with X-Forwarded-For.
+func TestThrottleProxyHeadersIgnored(t *testing.T) {
+	ts := newTestServer(t, "")
+	for i := range 6 {
+		r := httptest.NewRequest("POST", "/login", strings.NewReader(credentialsJSON(testEmail, "guess")))
+		r.RemoteAddr = "198.51.100.7:5000"
+		r.Header.Set("Content-Type", "application/json")
+		r.Header.Set("X-Forwarded-For", fmt.Sprintf("10.0.0.%d", i))
+		r.Header.Set("X-Real-IP", fmt.Sprintf("10.0.0.%d", i))
+		w := httptest.NewRecorder()
+		ts.handler.ServeHTTP(w, r)
+		if want := map[bool]int{true: 401, false: 429}[i < 5]; w.Code != want {
+			t.Errorf("attempt %d: status = %d, want %d", i+1, w.Code, want)
+		}
+	}
+}
+
+// TestThrottleConcurrentGuesses: 20 guesses at once for one account get
+// five bcrypt runs, not twenty: an attempt is counted before bcrypt runs.
+func TestThrottleConcurrentGuesses(t *testing.T) {
+	ts := newTestServer(t, "")
+	ts.register(t, testEmail, testPassword)
+	codes := make(chan int, 20)
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() { codes <- ts.loginFrom(t, "198.51.100.7", testEmail, "guess").Code })
+	}
+	wg.Wait()
+	close(codes)
+	count := map[int]int{}
+	for c := range codes {
+		count[c]++
+	}
+	if count[401] != 5 || count[429] != 15 {
+		t.Errorf("statuses = %v, want five 401s and fifteen 429s", count)
+	}
+}
+
+// TestThrottleOff: a limit of 0 turns that limit off.
+func TestThrottleOff(t *testing.T) {
+	tests := []struct {
+		name                     string
+		perAccount, perAddress   int
+		emails                   int  // distinct emails among the 30 failures
+		wantThrottledAfterTrying bool // is the 31st attempt throttled?
+	}{
+		{"both off", 0, 0, 1, false},
+		{"per account off", 0, 100, 1, false},
+		{"per address off", 5, 0, 30, false},
+		{"per account on", 5, 0, 1, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
+			clock := newFakeClock()
+			accts, _ := newAccounts(users, newLoginLimiter(tt.perAccount, tt.perAddress, clock.now), bcrypt.MinCost)
+			if _, err := accts.register(testEmail, testPassword); err != nil {
+				t.Fatal(err)
+			}
+			for i := range 30 {
+				email := fmt.Sprintf("user%d@example.com", i%tt.emails)
+				if _, err := accts.authenticate("198.51.100.7", email, "guess"); !errors.Is(err, errInvalidCredentials) && !tt.wantThrottledAfterTrying {
+					t.Fatalf("attempt %d: %v, want errInvalidCredentials", i+1, err)
+				}
+			}
+			_, err := accts.authenticate("198.51.100.7", "user0@example.com", "guess")
+			var throttled *throttledError
+			if got := errors.As(err, &throttled); got != tt.wantThrottledAfterTrying {
+				t.Errorf("throttled after 30 failures = %v (%v), want %v", got, err, tt.wantThrottledAfterTrying)
+			}
+			if tt.perAccount == 0 && tt.perAddress == 0 && len(accts.limiter.entries) != 0 {
+				t.Errorf("limiter holds %d entries with both limits off", len(accts.limiter.entries))
+			}
+		})
+	}
+}
+
+// TestThrottleSkipsBcrypt: a 429 is answered without running bcrypt, so it
+// is much faster than a wrong password. Compared at a cost where bcrypt
+// takes milliseconds, so a slow machine slows both alike.
+func TestThrottleSkipsBcrypt(t *testing.T) {
+	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
+	accts, _ := newAccounts(users, newLoginLimiter(5, 100, time.Now), bcrypt.MinCost+4)
+	accts.register(testEmail, testPassword)
+	var wrong time.Duration
+	for range 5 {
+		start := time.Now()
+		accts.authenticate("198.51.100.7", testEmail, "guess")
+		wrong = max(wrong, time.Since(start))
+	}
+	var throttled time.Duration
+	for range 5 {
+		start := time.Now()
+		_, err := accts.authenticate("198.51.100.7", testEmail, testPassword)
+		throttled = max(throttled, time.Since(start))
+		if _, ok := err.(*throttledError); !ok {
+			t.Fatalf("authenticate = %v, want a *throttledError", err)
+		}
+	}
+	if throttled > wrong/4 {
+		t.Errorf("slowest 429 took %v, slowest wrong password %v: bcrypt seems to run when throttled", throttled, wrong)
+	}
+}
+
+// TestLimiterBounded floods the limiter with distinct keys: it never holds
+// more than maxLimiterEntries, expired entries go first, then the oldest.
+func TestLimiterBounded(t *testing.T) {
+	clock := newFakeClock()
+	l := newLoginLimiter(5, 100, clock.now)
+	check := func(when string) {
+		t.Helper()
+		if len(l.entries) > maxLimiterEntries || l.byAge.Len() != len(l.entries) {
+			t.Fatalf("%s: %d entries, %d in age order; want at most %d, equal", when, len(l.entries), l.byAge.Len(), maxLimiterEntries)
+		}
+	}
+	// 1,000 entries that will expire, from one address.
+	for i := range 1000 {
+		l.begin("198.51.100.7", fmt.Sprintf("old%d@example.com", i))
+	}
+	clock.advance(failureWindow)
+	l.begin("198.51.100.8", "first-new@example.com")
+	if l.get(limiterKey{addr: "198.51.100.7"}) != nil || len(l.entries) != 2 {
+		t.Errorf("expired entries kept: %d entries", len(l.entries))
+	}
+	// A flood of distinct addresses and emails, twice the bound.
+	for i := range maxLimiterEntries {
+		l.begin(fmt.Sprintf("10.%d.%d.%d", i>>16, i>>8&255, i&255), fmt.Sprintf("flood%d@example.com", i))
+		if i%10_000 == 0 {
+			check(fmt.Sprint("flood ", i))
+		}
+	}
+	check("after the flood")
+	if len(l.entries) != maxLimiterEntries {
+		t.Errorf("%d entries after the flood, want the bound %d", len(l.entries), maxLimiterEntries)
+	}
+	if l.get(limiterKey{addr: "198.51.100.8", email: "first-new@example.com", account: true}) != nil {
+		t.Error("the oldest entry was kept over newer ones")
+	}
+	last := maxLimiterEntries - 1
+	if l.get(limiterKey{addr: fmt.Sprintf("10.%d.%d.%d", last>>16, last>>8&255, last&255)}) == nil {
+		t.Error("the newest entry was dropped")
+	}
+}
+
+// FuzzVerifyAccessToken feeds the verifier arbitrary tokens, and tokens
+// signed with the key over arbitrary header and claims JSON. It must never
+// panic, never accept a token whose signature is not the HMAC of its first
+// two segments, and never accept one that breaks a rule of the contract.
+func FuzzVerifyAccessToken(f *testing.F) {
+	key := []byte(testSecret)
+	now := time.Unix(testStart, 0)
+	good := mustTokenF(f, now)
+	f.Add(good, `{"alg":"HS256","typ":"JWT"}`, `{"sub":"ann@example.com","exp":1800001800}`)
+	f.Add(good[:len(good)-1]+"A", `{"alg":"none"}`, `{"sub":"a","exp":1e999}`)
+	f.Add("a.b.c", `{"alg":"HS256","crit":["b64"]}`, `{"sub":"","exp":1800000000}`)
+	f.Add("", `{"alg":"HS256","typ":"jwt"}`, `{"sub":"a","exp":"1900000000","nbf":1900000000}`)
+	f.Add("eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ.dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk",
+		`{"ALG":"HS256"}`, `null`)
+	f.Fuzz(func(t *testing.T, token, header, claims string) {
+		for _, tok := range []string{token, forge(header, claims, key)} {
+			sub, err := verifyAccessToken(tok, key, now)
+			if err != nil {
+				if !errors.Is(err, errInvalidToken) {
+					t.Fatalf("verifyAccessToken(%q) = %v, not an errInvalidToken", tok, err)
+				}
+				continue
+			}
+			checkAccepted(t, tok, sub, key, now)
+		}
+	})
+}
+
+func mustTokenF(f *testing.F, now time.Time) string {
+	token, err := createAccessToken(testEmail, []byte(testSecret), now)
+	if err != nil {
+		f.Fatal(err)
+	}
+	return token
+}
+
+// checkAccepted checks, by other means than verifyAccessToken's, that an
+// accepted token obeys the contract.
+func checkAccepted(t *testing.T, token, sub string, key []byte, now time.Time) {
+	t.Helper()
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 || len(token) > 8<<10 {
+		t.Fatalf("accepted %q: not three segments of at most 8 KiB", token)
+	}
+	var segs [3][]byte
+	for i, p := range parts {
+		b, err := base64.RawURLEncoding.Strict().DecodeString(p)
+		if err != nil || base64.RawURLEncoding.EncodeToString(b) != p {
+			t.Fatalf("accepted %q: segment %d is not canonical base64url", token, i)
+		}
+		segs[i] = b
+	}
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte(parts[0] + "." + parts[1]))
+	if !hmac.Equal(segs[2], mac.Sum(nil)) {
+		t.Fatalf("accepted %q: signature is not the HMAC of its first two segments", token)
+	}
+	var header map[string]any
+	if json.Unmarshal(segs[0], &header) != nil || header["alg"] != "HS256" || header["crit"] != nil {
+		t.Fatalf("accepted %q: header %s", token, segs[0])
+	}
+	if typ, present := header["typ"]; present && typ != "JWT" {
+		t.Fatalf("accepted %q: typ %v", token, typ)
+	}
+	var claims map[string]any
+	if json.Unmarshal(segs[1], &claims) != nil {
+		t.Fatalf("accepted %q: claims %s", token, segs[1])
+	}
+	exp, ok := claims["exp"].(float64)
+	if !ok || exp <= float64(now.Unix()) {
+		t.Fatalf("accepted %q: exp %v at %d", token, claims["exp"], now.Unix())
+	}
+	if nbf, present := claims["nbf"]; present {
+		if n, ok := nbf.(float64); !ok || n > float64(now.Unix()) {
+			t.Fatalf("accepted %q: nbf %v", token, nbf)
+		}
+	}
+	if s, ok := claims["sub"].(string); !ok || s == "" || s != sub {
+		t.Fatalf("accepted %q: sub %v, returned %q", token, claims["sub"], sub)
+	}
+}
+
+// checkClientError checks an answer to an arbitrary request: never a 5xx,
+// and every 4xx a JSON object with a detail sentence.
+func checkClientError(t *testing.T, w *httptest.ResponseRecorder, contentType string, body []byte) {
+	t.Helper()
+	if w.Code >= 500 {
+		t.Fatalf("Content-Type %q, body %q: status %d, body %s", contentType, body, w.Code, w.Body)
+	}
+	if w.Code < 400 {
+		return
+	}
+	var answer map[string]any
+	if err := json.Unmarshal(w.Body.Bytes(), &answer); err != nil || w.Header().Get("Content-Type") != "application/json" {
+		t.Fatalf("Content-Type %q, body %q: %d answer %q is not JSON", contentType, body, w.Code, w.Body)
+	}
+	if detail, ok := answer["detail"].(string); !ok || detail == "" {
+		t.Fatalf("Content-Type %q, body %q: %d answer %s has no detail", contentType, body, w.Code, w.Body)
+	}
+}
+
+// fuzzServer is a server for fuzzing: throttling off, so that the fuzzer
+// reaches bcrypt and the store rather than a 429.
+func fuzzServer(f *testing.F) *testServer {
+	users, err := openStore(filepath.Join(f.TempDir(), "users.json"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	clock := newFakeClock()
+	accts, err := newAccounts(users, newLoginLimiter(0, 0, clock.now), bcrypt.MinCost)
+	if err != nil {
+		f.Fatal(err)
+	}
+	if _, err := accts.register(testEmail, testPassword); err != nil {
+		f.Fatal(err)
+	}
+	return &testServer{handler: newServer(slog.New(slog.DiscardHandler), accts, []byte(testSecret), clock.now), users: users, clock: clock}
+}
+
+// fuzzSeeds are request bodies and content types that reach each branch.
+func fuzzSeeds(f *testing.F) {
+	for _, seed := range []struct{ contentType, body string }{
+		{"application/json", credentialsJSON("new@example.com", testPassword)},
+		{"application/json", credentialsJSON(testEmail, testPassword)},
+		{"application/json; charset=utf-8", `{"email":" Ann@Example.com ","password":"correct horse battery","x":[1,{}]}`},
+		{"application/json", `{"email":5,"password":null}`},
+		{"application/json", `{"email":"a@b"`},
+		{"application/json", `[] {}`},
+		{"application/json", ``},
+		{"application/problem+json", `{"email":"Ann <ann@example.com>","password":"` + strings.Repeat("p", 80) + `"}`},
+		{"application/x-www-form-urlencoded", "grant_type=password&username=ann%40example.com&password=correct+horse+battery"},
+		{"application/x-www-form-urlencoded", "grant_type=implicit&username=a&password=b"},
+		{"application/x-www-form-urlencoded", "username=%zz"},
+		{"text/plain", "hello"},
+		{"", "{}"},
+		{"application/json; charset=\"", "{}"},
+		{"multipart/form-data; boundary=x", "--x\r\n\r\n--x--"},
+	} {
+		f.Add(seed.contentType, []byte(seed.body))
+	}
+}
+
+// FuzzRegister feeds POST /register arbitrary bodies and content types.
+func FuzzRegister(f *testing.F) {
+	ts := fuzzServer(f)
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, contentType string, body []byte) {
+		w := ts.do(t, "POST", "/register", contentType, string(body))
+		checkClientError(t, w, contentType, body)
+		if w.Code == http.StatusCreated {
+			u := decode(t, w.Body.Bytes())
+			email, _ := u["email"].(string)
+			if _, found := ts.users.lookup(email); !found || email != normalizeEmail(email) {
+				t.Fatalf("201 %s, but the email is not stored as given", w.Body)
+			}
+		}
+	})
+}
+
+// FuzzLogin feeds POST /login arbitrary bodies and content types.
+func FuzzLogin(f *testing.F) {
+	ts := fuzzServer(f)
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, contentType string, body []byte) {
+		w := ts.do(t, "POST", "/login", contentType, string(body))
+		checkClientError(t, w, contentType, body)
+		switch w.Code {
+		case http.StatusOK:
+			token, _ := decode(t, w.Body.Bytes())["access_token"].(string)
+			if sub, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
+				t.Fatalf("200 for a token of %q, %v; only %s is registered", sub, err, testEmail)
+			}
+		case http.StatusUnauthorized:
+			if w.Header().Get("WWW-Authenticate") != `Bearer realm="api"` {
+				t.Fatalf("401 without its WWW-Authenticate")
+			}
+		}
+	})
 }
