@@ -15,6 +15,7 @@ package main
 import (
 	"container/list"
 	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/mail"
@@ -172,7 +173,7 @@ func (a *accounts) authenticate(client, email, password string) (User, error) {
 // Throttling of failed logins.
 const (
 	failureWindow     = 15 * time.Minute
-	maxLimiterEntries = 100_000 // bounds the counters' memory: about 20 MB
+	maxLimiterEntries = 100_000 // bounds the counters' memory: about 35 MB
 )
 
 // throttledError refuses a login, without checking it, to a client that
@@ -207,10 +208,13 @@ type loginLimiter struct {
 	byAge list.List
 }
 
-// limiterKey names a counter: email is "" for an address's own counter.
+// limiterKey names a counter. A login's email may be any string up to the
+// 64 KiB body limit, so the key holds its SHA-256, which bounds an entry's
+// size; an address's own counter has no email.
 type limiterKey struct {
-	addr, email string
-	account     bool // true for the address-and-email counter
+	addr    string
+	email   [sha256.Size]byte
+	account bool // true for the address-and-email counter
 }
 
 // failureCount is one counter's state.
@@ -222,7 +226,7 @@ type failureCount struct {
 
 // loginAttempt is what begin counted, for succeeded to take back.
 type loginAttempt struct {
-	addr, email string
+	account, address limiterKey
 }
 
 // newLoginLimiter returns a limiter with the given limits (0 turns one off)
@@ -245,12 +249,16 @@ func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
 	now := l.now()
 	l.dropExpired(now)
 
+	attempt := loginAttempt{
+		account: limiterKey{addr: addr, email: sha256.Sum256([]byte(email)), account: true},
+		address: limiterKey{addr: addr},
+	}
 	keys := []struct {
 		key limiterKey
 		max int
 	}{
-		{limiterKey{addr: addr, email: email, account: true}, l.maxPerAccount},
-		{limiterKey{addr: addr}, l.maxPerAddress},
+		{attempt.account, l.maxPerAccount},
+		{attempt.address, l.maxPerAddress},
 	}
 	var wait time.Duration
 	for _, k := range keys {
@@ -266,7 +274,7 @@ func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
 			l.add(k.key, now)
 		}
 	}
-	return loginAttempt{addr: addr, email: email}, nil
+	return attempt, nil
 }
 
 // succeeded takes back the failure that begin counted for a login that
@@ -274,10 +282,10 @@ func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
 func (l *loginLimiter) succeeded(a loginAttempt) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if e, ok := l.entries[limiterKey{addr: a.addr, email: a.email, account: true}]; ok {
+	if e, ok := l.entries[a.account]; ok {
 		l.remove(e)
 	}
-	if e, ok := l.entries[limiterKey{addr: a.addr}]; ok {
+	if e, ok := l.entries[a.address]; ok {
 		if c := e.Value.(*failureCount); c.count > 1 {
 			c.count--
 		} else {

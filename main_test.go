@@ -61,30 +61,39 @@ func (c *fakeClock) advance(d time.Duration) {
 // testServer is a server over a users file in a temporary folder.
 type testServer struct {
 	handler http.Handler
+	accts   *accounts
 	users   *store
 	clock   *fakeClock
 	path    string // the users file
 }
 
 // newTestServer starts a server over path, or over a new users file in a
-// temporary folder if path is "".
+// temporary folder if path is "", with bcrypt at MinCost, the default
+// throttling limits and no log.
 func newTestServer(t *testing.T, path string) *testServer {
 	t.Helper()
+	return newTestServerWith(t, path, bcrypt.MinCost, 5, 100, slog.New(slog.DiscardHandler))
+}
+
+// newTestServerWith is newTestServer with a bcrypt cost, throttling limits
+// and a logger of the caller's.
+func newTestServerWith(tb testing.TB, path string, cost, maxPerAccount, maxPerAddress int, logger *slog.Logger) *testServer {
+	tb.Helper()
 	if path == "" {
-		path = filepath.Join(t.TempDir(), "users.json")
+		path = filepath.Join(tb.TempDir(), "users.json")
 	}
 	users, err := openStore(path)
 	if err != nil {
-		t.Fatalf("openStore: %v", err)
+		tb.Fatalf("openStore: %v", err)
 	}
 	clock := newFakeClock()
-	accts, err := newAccounts(users, newLoginLimiter(5, 100, clock.now), bcrypt.MinCost)
+	accts, err := newAccounts(users, newLoginLimiter(maxPerAccount, maxPerAddress, clock.now), cost)
 	if err != nil {
-		t.Fatalf("newAccounts: %v", err)
+		tb.Fatalf("newAccounts: %v", err)
 	}
-	logger := slog.New(slog.DiscardHandler)
 	return &testServer{
 		handler: newServer(logger, accts, []byte(testSecret), clock.now),
+		accts:   accts,
 		users:   users,
 		clock:   clock,
 		path:    path,
@@ -418,14 +427,7 @@ func TestLoginFailuresAlike(t *testing.T) {
 // runs bcrypt at the cost new users' hashes have.
 func TestDummyHashCostsLikeARealOne(t *testing.T) {
 	for _, cost := range []int{bcrypt.MinCost, bcrypt.MinCost + 1} {
-		users, err := openStore(filepath.Join(t.TempDir(), "users.json"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		accts, err := newAccounts(users, newLoginLimiter(0, 0, time.Now), cost)
-		if err != nil {
-			t.Fatal(err)
-		}
+		accts := newTestServerWith(t, "", cost, 0, 0, slog.New(slog.DiscardHandler)).accts
 		if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != cost {
 			t.Errorf("dummy hash cost = %d, %v; want %d", got, err, cost)
 		}
@@ -444,11 +446,7 @@ func TestDummyHashCostsLikeARealOne(t *testing.T) {
 // two are compared with each other, at a cost where bcrypt takes some
 // milliseconds, so a slow machine slows both alike.
 func TestUnknownEmailCostsOneComparison(t *testing.T) {
-	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
-	accts, err := newAccounts(users, newLoginLimiter(0, 0, time.Now), bcrypt.MinCost+3)
-	if err != nil {
-		t.Fatal(err)
-	}
+	accts := newTestServerWith(t, "", bcrypt.MinCost+3, 0, 0, slog.New(slog.DiscardHandler)).accts
 	if _, err := accts.register(testEmail, testPassword); err != nil {
 		t.Fatal(err)
 	}
@@ -1042,20 +1040,14 @@ func TestRoundTrip(t *testing.T) {
 // method, path, status and duration, and never a password, hash or token.
 func TestLogNoSecrets(t *testing.T) {
 	var buf bytes.Buffer
-	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
-	clock := newFakeClock()
-	accts, _ := newAccounts(users, newLoginLimiter(5, 100, clock.now), bcrypt.MinCost)
-	ts := &testServer{
-		handler: newServer(slog.New(slog.NewTextHandler(&buf, nil)), accts, []byte(testSecret), clock.now),
-		users:   users, clock: clock,
-	}
+	ts := newTestServerWith(t, "", bcrypt.MinCost, 5, 100, slog.New(slog.NewTextHandler(&buf, nil)))
 	token := ts.token(t)
 	ts.me(t, token)
 	ts.login(t, testEmail, "a wrong password")
 	ts.do(t, "POST", "/login", "application/x-www-form-urlencoded", "username=ann%40example.com&password=form+password")
 
 	log := buf.String()
-	u, _ := users.lookup(testEmail)
+	u, _ := ts.users.lookup(testEmail)
 	for _, secret := range []string{testPassword, "a wrong password", "form password", "form+password", u.PasswordHash, token, testSecret} {
 		if strings.Contains(log, secret) {
 			t.Errorf("log holds %q:\n%s", secret, log)
@@ -1129,14 +1121,7 @@ func TestRunServesAndStops(t *testing.T) {
 		t.Errorf("/healthz = %d", res.StatusCode)
 	}
 	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("run = %v, want nil after the context ends", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not stop")
-	}
+	waitRun(t, done)
 	log := out.String()
 	if !strings.Contains(log, "addr="+addr) || !strings.Contains(log, "path=/healthz status=200") {
 		t.Errorf("log lacks the start line or the request line:\n%s", log)
@@ -1153,13 +1138,20 @@ func TestRunStopsOnSIGTERM(t *testing.T) {
 	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
+	waitRun(t, done)
+}
+
+// waitRun waits for run to stop, and checks that it returned nil: main then
+// exits 0.
+func waitRun(t *testing.T, done chan error) {
+	t.Helper()
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Errorf("run = %v, want nil on SIGTERM", err)
+			t.Errorf("run = %v, want nil", err)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatal("run did not stop on SIGTERM")
+		t.Fatal("run did not stop")
 	}
 }
 
@@ -1376,9 +1368,7 @@ func TestThrottleOff(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
-			clock := newFakeClock()
-			accts, _ := newAccounts(users, newLoginLimiter(tt.perAccount, tt.perAddress, clock.now), bcrypt.MinCost)
+			accts := newTestServerWith(t, "", bcrypt.MinCost, tt.perAccount, tt.perAddress, slog.New(slog.DiscardHandler)).accts
 			if _, err := accts.register(testEmail, testPassword); err != nil {
 				t.Fatal(err)
 			}
@@ -1404,8 +1394,7 @@ func TestThrottleOff(t *testing.T) {
 // is much faster than a wrong password. Compared at a cost where bcrypt
 // takes milliseconds, so a slow machine slows both alike.
 func TestThrottleSkipsBcrypt(t *testing.T) {
-	users, _ := openStore(filepath.Join(t.TempDir(), "users.json"))
-	accts, _ := newAccounts(users, newLoginLimiter(5, 100, time.Now), bcrypt.MinCost+4)
+	accts := newTestServerWith(t, "", bcrypt.MinCost+4, 5, 100, slog.New(slog.DiscardHandler)).accts
 	accts.register(testEmail, testPassword)
 	var wrong time.Duration
 	for range 5 {
@@ -1458,7 +1447,7 @@ func TestLimiterBounded(t *testing.T) {
 	if len(l.entries) != maxLimiterEntries {
 		t.Errorf("%d entries after the flood, want the bound %d", len(l.entries), maxLimiterEntries)
 	}
-	if l.get(limiterKey{addr: "198.51.100.8", email: "first-new@example.com", account: true}) != nil {
+	if l.get(limiterKey{addr: "198.51.100.8", email: sha256.Sum256([]byte("first-new@example.com")), account: true}) != nil {
 		t.Error("the oldest entry was kept over newer ones")
 	}
 	last := maxLimiterEntries - 1
@@ -1568,22 +1557,14 @@ func checkClientError(t *testing.T, w *httptest.ResponseRecorder, contentType st
 	}
 }
 
-// fuzzServer is a server for fuzzing: throttling off, so that the fuzzer
-// reaches bcrypt and the store rather than a 429.
+// fuzzServer is a server for fuzzing with one user: throttling off, so that
+// the fuzzer reaches bcrypt and the store rather than a 429.
 func fuzzServer(f *testing.F) *testServer {
-	users, err := openStore(filepath.Join(f.TempDir(), "users.json"))
-	if err != nil {
+	ts := newTestServerWith(f, "", bcrypt.MinCost, 0, 0, slog.New(slog.DiscardHandler))
+	if _, err := ts.accts.register(testEmail, testPassword); err != nil {
 		f.Fatal(err)
 	}
-	clock := newFakeClock()
-	accts, err := newAccounts(users, newLoginLimiter(0, 0, clock.now), bcrypt.MinCost)
-	if err != nil {
-		f.Fatal(err)
-	}
-	if _, err := accts.register(testEmail, testPassword); err != nil {
-		f.Fatal(err)
-	}
-	return &testServer{handler: newServer(slog.New(slog.DiscardHandler), accts, []byte(testSecret), clock.now), users: users, clock: clock}
+	return ts
 }
 
 // fuzzSeeds are request bodies and content types that reach each branch.
@@ -1645,4 +1626,194 @@ func FuzzLogin(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Benchmarks. Run them all with
+//
+//	go test -run '^$' -bench . -benchmem ./...
+//
+// Large users files are built from one precomputed hash: the store does not
+// care, and hashing 100,000 passwords would take minutes.
+
+// benchHash is a bcrypt hash of testPassword at DefaultCost (10), made once
+// for the benchmarks; TestBenchHash checks it.
+const benchHash = "$2a$10$7edQQjniQSKQWhFQtTMDyef2u300/yVEaL01dS.912AcmQeIm1OVy"
+
+func TestBenchHash(t *testing.T) {
+	if cost, _ := bcrypt.Cost([]byte(benchHash)); cost != bcrypt.DefaultCost || !verifyPassword(testPassword, benchHash) {
+		t.Errorf("benchHash is not testPassword's hash at DefaultCost")
+	}
+}
+
+// writeUsersFile writes a users file of n users, user0@example.com and on,
+// all with benchHash, and returns its path.
+func writeUsersFile(b *testing.B, n int) string {
+	b.Helper()
+	f := storeFile{NextID: int64(n) + 1, Users: make([]User, n)}
+	for i := range n {
+		f.Users[i] = User{ID: int64(i) + 1, Email: fmt.Sprintf("user%d@example.com", i), PasswordHash: benchHash}
+	}
+	data, err := json.Marshal(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	path := filepath.Join(b.TempDir(), "users.json")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	return path
+}
+
+// benchServer is a server over n users at DefaultCost, throttling off. Its
+// log lines are formatted, as when running, and then dropped.
+func benchServer(b *testing.B, n int) *testServer {
+	b.Helper()
+	return newTestServerWith(b, writeUsersFile(b, n), bcrypt.DefaultCost, 0, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+func BenchmarkCreateAccessToken(b *testing.B) {
+	now := time.Unix(testStart, 0)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := createAccessToken(testEmail, []byte(testSecret), now); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkVerifyAccessToken(b *testing.B) {
+	now := time.Unix(testStart, 0)
+	token, _ := createAccessToken(testEmail, []byte(testSecret), now)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := verifyAccessToken(token, []byte(testSecret), now); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkUsersMe times GET /users/me through the whole handler chain:
+// mux, log, token check, store lookup, JSON.
+func BenchmarkUsersMe(b *testing.B) {
+	for _, n := range []int{10, 100_000} { // lookups must cost the same at both
+		b.Run(fmt.Sprintf("users=%d", n), func(b *testing.B) {
+			ts := benchServer(b, n)
+			token, _ := createAccessToken(fmt.Sprintf("user%d@example.com", n-1), []byte(testSecret), ts.clock.now())
+			r := httptest.NewRequest("GET", "/users/me", nil)
+			r.Header.Set("Authorization", "Bearer "+token)
+			b.ReportAllocs()
+			for b.Loop() {
+				w := httptest.NewRecorder()
+				ts.handler.ServeHTTP(w, r)
+				if w.Code != 200 {
+					b.Fatalf("status %d", w.Code)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkLogin times a successful JSON login through the handler chain,
+// at bcrypt.DefaultCost: one login at a time, then with b.RunParallel.
+func BenchmarkLogin(b *testing.B) {
+	for _, n := range []int{10, 100_000} { // lookups must cost the same at both
+		ts := benchServer(b, n)
+		body := credentialsJSON(fmt.Sprintf("user%d@example.com", n-1), testPassword)
+		login := func() {
+			r := httptest.NewRequest("POST", "/login", strings.NewReader(body))
+			r.Header.Set("Content-Type", "application/json")
+			w := httptest.NewRecorder()
+			ts.handler.ServeHTTP(w, r)
+			if w.Code != 200 {
+				b.Fatalf("status %d", w.Code)
+			}
+		}
+		b.Run(fmt.Sprintf("users=%d/serial", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				login()
+			}
+		})
+		b.Run(fmt.Sprintf("users=%d/parallel", n), func(b *testing.B) {
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					login()
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkLoadUsers times loading a users file of 100,000 users.
+func BenchmarkLoadUsers(b *testing.B) {
+	path := writeUsersFile(b, 100_000)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := openStore(path); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkRegisterWrite times a registration's store write, bcrypt
+// excluded: the file written atomically and synced, then the swap.
+func BenchmarkRegisterWrite(b *testing.B) {
+	for _, n := range []int{1_000, 10_000, 100_000} {
+		b.Run(fmt.Sprintf("users=%d", n), func(b *testing.B) {
+			users, err := openStore(writeUsersFile(b, n))
+			if err != nil {
+				b.Fatal(err)
+			}
+			i := 0
+			b.ReportAllocs()
+			for b.Loop() {
+				i++
+				if _, err := users.add(fmt.Sprintf("new%d@example.com", i), benchHash); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkUsersMeDuringRegistrations times GET /users/me at 100,000 users
+// while registrations write the users file without pause. A lookup must not
+// queue behind a write: worst-ns, the slowest request, stays far below a
+// write's time (see BenchmarkRegisterWrite).
+func BenchmarkUsersMeDuringRegistrations(b *testing.B) {
+	ts := benchServer(b, 100_000)
+	token, _ := createAccessToken("user0@example.com", []byte(testSecret), ts.clock.now())
+	r := httptest.NewRequest("GET", "/users/me", nil)
+	r.Header.Set("Authorization", "Bearer "+token)
+
+	stop := make(chan struct{})
+	var writes sync.WaitGroup
+	writes.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := ts.users.add(fmt.Sprintf("writer%d@example.com", i), benchHash); err != nil {
+				panic(err)
+			}
+		}
+	})
+	time.Sleep(10 * time.Millisecond) // let the first write begin
+	var worst time.Duration
+	b.ReportAllocs()
+	for b.Loop() {
+		start := time.Now()
+		w := httptest.NewRecorder()
+		ts.handler.ServeHTTP(w, r)
+		worst = max(worst, time.Since(start))
+		if w.Code != 200 {
+			b.Fatalf("status %d", w.Code)
+		}
+	}
+	close(stop)
+	writes.Wait()
+	b.ReportMetric(float64(worst.Nanoseconds()), "worst-ns")
 }
