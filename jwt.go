@@ -10,14 +10,20 @@
 package main
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 const (
@@ -37,9 +43,33 @@ var errInvalidToken = errors.New("invalid token")
 // that each token has exactly one spelling.
 var b64 = base64.RawURLEncoding.Strict()
 
+// signingKey signs and checks tokens with one secret. Setting up HMAC's
+// keyed state costs more than signing a token, so it is set up once per
+// goroutine that needs one and reused, through a pool.
+type signingKey struct {
+	macs sync.Pool // of hash.Hash: hmac.New(sha256.New, secret)
+}
+
+// newSigningKey returns the signing key for secret.
+func newSigningKey(secret []byte) *signingKey {
+	secret = bytes.Clone(secret)
+	k := &signingKey{}
+	k.macs.New = func() any { return hmac.New(sha256.New, secret) }
+	return k
+}
+
+// sign returns the HMAC-SHA256 of the signing input under the key.
+func (k *signingKey) sign(signingInput string) []byte {
+	mac := k.macs.Get().(hash.Hash)
+	defer k.macs.Put(mac)
+	mac.Reset()
+	io.WriteString(mac, signingInput)
+	return mac.Sum(make([]byte, 0, sha256.Size))
+}
+
 // createAccessToken returns a token for email, issued at now and expiring
-// 30 minutes later, signed with secret.
-func createAccessToken(email string, secret []byte, now time.Time) (string, error) {
+// 30 minutes later, signed with key.
+func createAccessToken(email string, key *signingKey, now time.Time) (string, error) {
 	claims, err := json.Marshal(struct {
 		Sub string `json:"sub"`
 		Iat int64  `json:"iat"`
@@ -49,19 +79,12 @@ func createAccessToken(email string, secret []byte, now time.Time) (string, erro
 		return "", fmt.Errorf("encode claims: %w", err)
 	}
 	signingInput := jwtHeader + "." + b64.EncodeToString(claims)
-	return signingInput + "." + b64.EncodeToString(sign(signingInput, secret)), nil
-}
-
-// sign returns the HMAC-SHA256 of the signing input under secret.
-func sign(signingInput string, secret []byte) []byte {
-	mac := hmac.New(sha256.New, secret)
-	mac.Write([]byte(signingInput))
-	return mac.Sum(nil)
+	return signingInput + "." + b64.EncodeToString(key.sign(signingInput)), nil
 }
 
 // verifyAccessToken checks token at time now and returns its subject, the
 // email it was issued for. Every refusal wraps errInvalidToken.
-func verifyAccessToken(token string, secret []byte, now time.Time) (string, error) {
+func verifyAccessToken(token string, key *signingKey, now time.Time) (string, error) {
 	if len(token) > maxTokenBytes {
 		return "", fmt.Errorf("%w: longer than %d bytes", errInvalidToken, maxTokenBytes)
 	}
@@ -70,32 +93,23 @@ func verifyAccessToken(token string, secret []byte, now time.Time) (string, erro
 		return "", fmt.Errorf("%w: not three base64url segments", errInvalidToken)
 	}
 
-	var header map[string]json.RawMessage
-	if err := decodeSegment(headerSeg, &header); err != nil {
-		return "", fmt.Errorf("%w: header: %w", errInvalidToken, err)
-	}
 	// Only HS256: a token must not choose its own check ("none", or an
 	// algorithm whose key could be confused with ours).
-	if alg, ok := jsonString(header["alg"]); !ok || alg != "HS256" {
-		return "", fmt.Errorf("%w: alg is not HS256", errInvalidToken)
-	}
-	if raw, present := header["typ"]; present {
-		if typ, ok := jsonString(raw); !ok || typ != "JWT" {
-			return "", fmt.Errorf("%w: typ is not JWT", errInvalidToken)
-		}
-	}
-	// An extension the token says we must understand is one we do not.
-	if _, present := header["crit"]; present {
-		return "", fmt.Errorf("%w: crit header present", errInvalidToken)
+	if err := checkHeader(headerSeg); err != nil {
+		return "", fmt.Errorf("%w: header: %w", errInvalidToken, err)
 	}
 
 	// Over the segments as received, compared in constant time.
-	sig, err := b64.DecodeString(sigSeg)
-	if err != nil || !hmac.Equal(sig, sign(token[:len(headerSeg)+1+len(claimsSeg)], secret)) {
+	var sig [sha256.Size]byte
+	if b64.DecodedLen(len(sigSeg)) != len(sig) {
+		return "", fmt.Errorf("%w: signature is not %d bytes", errInvalidToken, len(sig))
+	}
+	if _, err := b64.Decode(sig[:], []byte(sigSeg)); err != nil ||
+		!hmac.Equal(sig[:], key.sign(token[:len(headerSeg)+1+len(claimsSeg)])) {
 		return "", fmt.Errorf("%w: bad signature", errInvalidToken)
 	}
 
-	var claims map[string]json.RawMessage
+	claims := make(map[string]json.RawMessage, 4)
 	if err := decodeSegment(claimsSeg, &claims); err != nil {
 		return "", fmt.Errorf("%w: claims: %w", errInvalidToken, err)
 	}
@@ -118,6 +132,31 @@ func verifyAccessToken(token string, secret []byte, now time.Time) (string, erro
 		return "", fmt.Errorf("%w: sub missing or not a non-empty string", errInvalidToken)
 	}
 	return sub, nil
+}
+
+// checkHeader checks that a token's header is a JSON object whose alg is
+// HS256, whose typ, if present, is JWT, and which has no crit: an extension
+// the token says we must understand is one we do not.
+func checkHeader(seg string) error {
+	if seg == jwtHeader {
+		return nil // the header this server and most libraries write: it passes
+	}
+	var header map[string]json.RawMessage
+	if err := decodeSegment(seg, &header); err != nil {
+		return err
+	}
+	if alg, ok := jsonString(header["alg"]); !ok || alg != "HS256" {
+		return errors.New("alg is not HS256")
+	}
+	if raw, present := header["typ"]; present {
+		if typ, ok := jsonString(raw); !ok || typ != "JWT" {
+			return errors.New("typ is not JWT")
+		}
+	}
+	if _, present := header["crit"]; present {
+		return errors.New("crit present")
+	}
+	return nil
 }
 
 // splitToken splits a compact JWT into its three segments, and reports
@@ -158,20 +197,29 @@ func decodeSegment(seg string, v *map[string]json.RawMessage) error {
 	return nil
 }
 
-// jsonString returns the value of raw if it is a JSON string.
+// jsonString returns the value of raw, a valid JSON value, if it is a
+// string.
 func jsonString(raw json.RawMessage) (string, bool) {
+	if len(raw) < 2 || raw[0] != '"' {
+		return "", false
+	}
+	if inner := raw[1 : len(raw)-1]; bytes.IndexByte(inner, '\\') < 0 && utf8.Valid(inner) {
+		return string(inner), true // nothing to unescape
+	}
 	var s string
-	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
+	if json.Unmarshal(raw, &s) != nil {
 		return "", false
 	}
 	return s, true
 }
 
-// jsonNumber returns the value of raw if it is a JSON number.
+// jsonNumber returns the value of raw, a valid JSON value, if it is a
+// number.
 func jsonNumber(raw json.RawMessage) (float64, bool) {
-	var f float64
-	if len(raw) == 0 || (raw[0] != '-' && (raw[0] < '0' || raw[0] > '9')) || json.Unmarshal(raw, &f) != nil {
+	if len(raw) == 0 || (raw[0] != '-' && (raw[0] < '0' || raw[0] > '9')) {
 		return 0, false
 	}
-	return f, true
+	// A JSON number is also Go's float syntax; out of range is an error.
+	f, err := strconv.ParseFloat(string(raw), 64)
+	return f, err == nil
 }

@@ -88,7 +88,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	}
 
 	srv := &http.Server{
-		Handler:           newServer(logger, accts, secret, time.Now),
+		Handler:           newServer(logger, accts, newSigningKey(secret), time.Now),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
@@ -140,11 +140,11 @@ func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]b
 
 // newServer returns the server's handler: every route, behind the request
 // log and the headers that go on every response.
-func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+func newServer(logger *slog.Logger, accts *accounts, key *signingKey, now func() time.Time) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /register", handleRegister(logger, accts))
-	mux.Handle("POST /login", handleLogin(logger, accts, secret, now))
-	mux.Handle("GET /users/me", handleUsersMe(accts.users, secret, now))
+	mux.Handle("POST /login", handleLogin(logger, accts, key, now))
+	mux.Handle("GET /users/me", handleUsersMe(accts.users, key, now))
 	mux.Handle("GET /healthz", handleHealthz())
 	return logRequests(logger, commonHeaders(mux))
 }
@@ -183,7 +183,7 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 // takes the tutorial's JSON body or the OAuth2 password form (RFC 6749
 // section 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm
 // send.
-func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+func handleLogin(logger *slog.Logger, accts *accounts, key *signingKey, now func() time.Time) http.Handler {
 	type response struct {
 		AccessToken string `json:"access_token"`
 		TokenType   string `json:"token_type"`
@@ -220,7 +220,7 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 			writeError(w, http.StatusInternalServerError, "Internal server error")
 			return
 		}
-		token, err := createAccessToken(u.Email, secret, now())
+		token, err := createAccessToken(u.Email, key, now())
 		if err != nil {
 			logger.Error("login: create token", "err", err)
 			writeError(w, http.StatusInternalServerError, "Internal server error")
@@ -238,7 +238,7 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 }
 
 // handleUsersMe returns the user whose bearer token the request carries.
-func handleUsersMe(users *store, secret []byte, now func() time.Time) http.Handler {
+func handleUsersMe(users *store, key *signingKey, now func() time.Time) http.Handler {
 	type response struct {
 		ID    int64  `json:"id"`
 		Email string `json:"email"`
@@ -251,7 +251,7 @@ func handleUsersMe(users *store, secret []byte, now func() time.Time) http.Handl
 			writeError(w, http.StatusUnauthorized, "Not authenticated")
 			return
 		}
-		email, err := verifyAccessToken(token, secret, now())
+		email, err := verifyAccessToken(token, key, now())
 		if err != nil {
 			writeInvalidToken(w)
 			return

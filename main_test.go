@@ -92,7 +92,7 @@ func newTestServerWith(tb testing.TB, path string, cost, maxPerAccount, maxPerAd
 		tb.Fatalf("newAccounts: %v", err)
 	}
 	return &testServer{
-		handler: newServer(logger, accts, []byte(testSecret), clock.now),
+		handler: newServer(logger, accts, newSigningKey([]byte(testSecret)), clock.now),
 		accts:   accts,
 		users:   users,
 		clock:   clock,
@@ -374,7 +374,7 @@ func TestLogin(t *testing.T) {
 				}
 				checkHeaders(t, w, "Cache-Control", "no-store", "Pragma", "no-cache")
 				token, _ := body["access_token"].(string)
-				if sub, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
+				if sub, err := verifyAccessToken(token, testKey(), ts.clock.now()); err != nil || sub != testEmail {
 					t.Errorf("verifyAccessToken(access_token) = %q, %v; want %q, nil", sub, err, testEmail)
 				}
 			case 401:
@@ -495,7 +495,7 @@ func TestVerifyPassword(t *testing.T) {
 func TestUsersMe(t *testing.T) {
 	ts := newTestServer(t, "")
 	token := ts.token(t)
-	ghost, _ := createAccessToken("ghost@example.com", []byte(testSecret), ts.clock.now())
+	ghost, _ := createAccessToken("ghost@example.com", testKey(), ts.clock.now())
 	const notAuth, invalid = "Not authenticated", "Could not validate credentials"
 	tests := []struct {
 		name          string
@@ -545,7 +545,7 @@ func TestUsersMe(t *testing.T) {
 
 func mustToken(t *testing.T, email, secret string, now time.Time) string {
 	t.Helper()
-	token, err := createAccessToken(email, []byte(secret), now)
+	token, err := createAccessToken(email, newSigningKey([]byte(secret)), now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -627,13 +627,17 @@ func forge(header, claims string, key []byte) string {
 
 // signRaw appends to a signing input, as it stands, its HMAC-SHA256 under key.
 func signRaw(input string, key []byte) string {
-	return input + "." + b64.EncodeToString(sign(input, key))
+	return input + "." + b64.EncodeToString(newSigningKey(key).sign(input))
 }
+
+// testKey is the signing key of testSecret.
+func testKey() *signingKey { return newSigningKey([]byte(testSecret)) }
 
 // TestVerifyAccessToken holds the checks of CONTRACT.md's "The token", one
 // forged token for each.
 func TestVerifyAccessToken(t *testing.T) {
 	key := []byte(testSecret)
+	signingKey := newSigningKey(key)
 	now := time.Unix(testStart, 0)
 	const hdr = `{"alg":"HS256","typ":"JWT"}`
 	claims := func(extra string) string {
@@ -712,7 +716,7 @@ func TestVerifyAccessToken(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sub, err := verifyAccessToken(tt.token, key, now)
+			sub, err := verifyAccessToken(tt.token, signingKey, now)
 			if tt.ok && err != nil {
 				t.Errorf("verifyAccessToken = %v, want it accepted", err)
 			}
@@ -754,14 +758,14 @@ func TestRFC7515Vector(t *testing.T) {
 		t.Fatal(err)
 	}
 	i := strings.LastIndexByte(token, '.')
-	if got, want := b64.EncodeToString(sign(token[:i], key)), token[i+1:]; got != want {
+	if got, want := b64.EncodeToString(newSigningKey(key).sign(token[:i])), token[i+1:]; got != want {
 		t.Fatalf("signature = %s, want the RFC's %s", got, want)
 	}
-	_, err = verifyAccessToken(token, key, time.Unix(testStart, 0))
+	_, err = verifyAccessToken(token, newSigningKey(key), time.Unix(testStart, 0))
 	if !errors.Is(err, errInvalidToken) || !strings.Contains(err.Error(), "expired") {
 		t.Errorf("verify now = %v, want refused as expired", err)
 	}
-	_, err = verifyAccessToken(token, key, time.Unix(1300819379, 0)) // a second before its exp
+	_, err = verifyAccessToken(token, newSigningKey(key), time.Unix(1300819379, 0)) // a second before its exp
 	if !errors.Is(err, errInvalidToken) || !strings.Contains(err.Error(), "sub") {
 		t.Errorf("verify before exp = %v, want refused for want of sub", err)
 	}
@@ -783,10 +787,10 @@ func TestCreateAccessToken(t *testing.T) {
 	if got := string(claims); got != want {
 		t.Errorf("claims = %s, want %s", got, want)
 	}
-	if sub, err := verifyAccessToken(token, []byte(testSecret), now.Add(29*time.Minute)); err != nil || sub != testEmail {
+	if sub, err := verifyAccessToken(token, testKey(), now.Add(29*time.Minute)); err != nil || sub != testEmail {
 		t.Errorf("verify at 29 min = %q, %v; want %q, nil", sub, err, testEmail)
 	}
-	if _, err := verifyAccessToken(token, []byte(testSecret), now.Add(31*time.Minute)); !errors.Is(err, errInvalidToken) {
+	if _, err := verifyAccessToken(token, testKey(), now.Add(31*time.Minute)); !errors.Is(err, errInvalidToken) {
 		t.Errorf("verify at 31 min = %v, want errInvalidToken", err)
 	}
 }
@@ -1461,7 +1465,7 @@ func TestLimiterBounded(t *testing.T) {
 // panic, never accept a token whose signature is not the HMAC of its first
 // two segments, and never accept one that breaks a rule of the contract.
 func FuzzVerifyAccessToken(f *testing.F) {
-	key := []byte(testSecret)
+	key, signingKey := []byte(testSecret), testKey()
 	now := time.Unix(testStart, 0)
 	good := mustTokenF(f, now)
 	f.Add(good, `{"alg":"HS256","typ":"JWT"}`, `{"sub":"ann@example.com","exp":1800001800}`)
@@ -1472,7 +1476,7 @@ func FuzzVerifyAccessToken(f *testing.F) {
 		`{"ALG":"HS256"}`, `null`)
 	f.Fuzz(func(t *testing.T, token, header, claims string) {
 		for _, tok := range []string{token, forge(header, claims, key)} {
-			sub, err := verifyAccessToken(tok, key, now)
+			sub, err := verifyAccessToken(tok, signingKey, now)
 			if err != nil {
 				if !errors.Is(err, errInvalidToken) {
 					t.Fatalf("verifyAccessToken(%q) = %v, not an errInvalidToken", tok, err)
@@ -1485,7 +1489,7 @@ func FuzzVerifyAccessToken(f *testing.F) {
 }
 
 func mustTokenF(f *testing.F, now time.Time) string {
-	token, err := createAccessToken(testEmail, []byte(testSecret), now)
+	token, err := createAccessToken(testEmail, testKey(), now)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -1617,7 +1621,7 @@ func FuzzLogin(f *testing.F) {
 		switch w.Code {
 		case http.StatusOK:
 			token, _ := decode(t, w.Body.Bytes())["access_token"].(string)
-			if sub, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
+			if sub, err := verifyAccessToken(token, testKey(), ts.clock.now()); err != nil || sub != testEmail {
 				t.Fatalf("200 for a token of %q, %v; only %s is registered", sub, err, testEmail)
 			}
 		case http.StatusUnauthorized:
@@ -1672,21 +1676,21 @@ func benchServer(b *testing.B, n int) *testServer {
 }
 
 func BenchmarkCreateAccessToken(b *testing.B) {
-	now := time.Unix(testStart, 0)
+	now, key := time.Unix(testStart, 0), testKey()
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := createAccessToken(testEmail, []byte(testSecret), now); err != nil {
+		if _, err := createAccessToken(testEmail, key, now); err != nil {
 			b.Fatal(err)
 		}
 	}
 }
 
 func BenchmarkVerifyAccessToken(b *testing.B) {
-	now := time.Unix(testStart, 0)
-	token, _ := createAccessToken(testEmail, []byte(testSecret), now)
+	now, key := time.Unix(testStart, 0), testKey()
+	token, _ := createAccessToken(testEmail, key, now)
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := verifyAccessToken(token, []byte(testSecret), now); err != nil {
+		if _, err := verifyAccessToken(token, key, now); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -1698,7 +1702,7 @@ func BenchmarkUsersMe(b *testing.B) {
 	for _, n := range []int{10, 100_000} { // lookups must cost the same at both
 		b.Run(fmt.Sprintf("users=%d", n), func(b *testing.B) {
 			ts := benchServer(b, n)
-			token, _ := createAccessToken(fmt.Sprintf("user%d@example.com", n-1), []byte(testSecret), ts.clock.now())
+			token, _ := createAccessToken(fmt.Sprintf("user%d@example.com", n-1), testKey(), ts.clock.now())
 			r := httptest.NewRequest("GET", "/users/me", nil)
 			r.Header.Set("Authorization", "Bearer "+token)
 			b.ReportAllocs()
@@ -1783,7 +1787,7 @@ func BenchmarkRegisterWrite(b *testing.B) {
 // write's time (see BenchmarkRegisterWrite).
 func BenchmarkUsersMeDuringRegistrations(b *testing.B) {
 	ts := benchServer(b, 100_000)
-	token, _ := createAccessToken("user0@example.com", []byte(testSecret), ts.clock.now())
+	token, _ := createAccessToken("user0@example.com", testKey(), ts.clock.now())
 	r := httptest.NewRequest("GET", "/users/me", nil)
 	r.Header.Set("Authorization", "Bearer "+token)
 
