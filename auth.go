@@ -150,8 +150,8 @@ func (a *accounts) register(email, password string) (User, error) {
 // rules: any password is simply compared with the stored hash.
 func (a *accounts) authenticate(client, email, password string) (User, error) {
 	email = normalizeEmail(email)
-	// Decided before bcrypt runs, from the email as given, registered or
-	// not: a throttled login costs nothing and tells nothing.
+	// Decided before bcrypt runs, and alike for registered and unknown
+	// emails: a throttled login costs nothing and tells nothing.
 	attempt, err := a.limiter.begin(client, email)
 	if err != nil {
 		return User{}, err
@@ -197,7 +197,6 @@ func (e *throttledError) Error() string {
 type loginLimiter struct {
 	maxPerAccount int // failures for one address and email; 0: no limit
 	maxPerAddress int // failures for one address; 0: no limit
-	maxEntries    int
 	now           func() time.Time
 
 	// mu guards the fields below. It is never held while bcrypt runs.
@@ -235,7 +234,6 @@ func newLoginLimiter(maxPerAccount, maxPerAddress int, now func() time.Time) *lo
 	return &loginLimiter{
 		maxPerAccount: maxPerAccount,
 		maxPerAddress: maxPerAddress,
-		maxEntries:    maxLimiterEntries,
 		now:           now,
 		entries:       make(map[limiterKey]*list.Element),
 	}
@@ -309,7 +307,7 @@ func (l *loginLimiter) add(key limiterKey, now time.Time) {
 		c.count++
 		return
 	}
-	if len(l.entries) >= l.maxEntries {
+	if len(l.entries) >= maxLimiterEntries {
 		l.remove(l.byAge.Front())
 	}
 	c := &failureCount{key: key, count: 1, expires: now.Add(failureWindow)}

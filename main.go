@@ -7,7 +7,8 @@
 //
 //	POST /register   {"email", "password"} -> 201 {"id", "email"}
 //	POST /login      JSON {"email", "password"} or an OAuth2 password form
-//	                 -> 200 {"access_token", "token_type", "expires_in"}
+//	                 -> 200 {"access_token", "token_type", "expires_in"},
+//	                 or 429 after too many failures (see loginLimiter)
 //	GET  /users/me   Authorization: Bearer <token> -> 200 {"id", "email"}
 //	GET  /healthz    -> 200 {"status": "ok"}
 //

@@ -69,6 +69,9 @@ func openStore(path string) (*store, error) {
 	if err := decodeStoreFile(data, &f); err != nil {
 		return nil, fmt.Errorf("users file %s is not a valid users file (it was left untouched): %w", path, err)
 	}
+	// The encoded lines take about as much room as the file: leave a
+	// quarter more for the registrations to come.
+	s.encoded = make([]byte, 0, len(data)+len(data)/4)
 	for _, u := range f.Users {
 		s.byEmail[u.Email] = u
 		s.encoded = appendUserLine(s.encoded, u)
