@@ -43,9 +43,9 @@ var errInvalidToken = errors.New("invalid token")
 // that each token has exactly one spelling.
 var b64 = base64.RawURLEncoding.Strict()
 
-// signingKey signs and checks tokens with one secret. Setting up HMAC's
-// keyed state costs more than signing a token, so it is set up once per
-// goroutine that needs one and reused, through a pool.
+// signingKey signs and checks tokens with one secret. Setting up an HMAC
+// with the key costs more than signing a token, so keyed HMACs are kept in
+// a pool and reused: Reset takes one back to its freshly keyed state.
 type signingKey struct {
 	macs sync.Pool // of hash.Hash: hmac.New(sha256.New, secret)
 }
