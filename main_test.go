@@ -1188,6 +1188,8 @@ func TestRunRefusesToStart(t *testing.T) {
 		{"empty secret", []string{"-users", filepath.Join(dir, "a.json")}, map[string]string{"JWT_SECRET": ""}, []string{"JWT_SECRET", "32"}},
 		{"corrupt users file", []string{"-users", corrupt}, map[string]string{"JWT_SECRET": testSecret}, []string{corrupt}},
 		{"unknown flag", []string{"-port", "80"}, nil, []string{"port"}},
+		{"users folder missing", []string{"-users", filepath.Join(dir, "nowhere", "users.json")}, map[string]string{"JWT_SECRET": testSecret}, []string{filepath.Join(dir, "nowhere", "users.json"), "folder"}},
+		{"negative limit", []string{"-max-failures-per-account", "-1"}, map[string]string{"JWT_SECRET": testSecret}, []string{"max-failures-per-account"}},
 		{"address in use", []string{"-addr", busy.Addr().String(), "-users", filepath.Join(dir, "b.json")}, map[string]string{"JWT_SECRET": testSecret}, []string{"listen"}},
 	}
 	for _, tt := range tests {

@@ -54,12 +54,17 @@ type store struct {
 }
 
 // openStore loads the users file at path. A missing file is an empty store;
-// it is created on the first change. A file that cannot be read or is not a
-// valid users file is an error naming it, and the file is left as it is.
+// it is created on the first change, so its folder must exist. A file that
+// cannot be read or is not a valid users file is an error naming it, and
+// the file is left as it is.
 func openStore(path string) (*store, error) {
 	s := &store{path: path, byEmail: make(map[string]User), nextID: 1}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
+		// Said now rather than at the first registration's 500.
+		if info, err := os.Stat(filepath.Dir(path)); err != nil || !info.IsDir() {
+			return nil, fmt.Errorf("users file %s cannot be created: its folder does not exist", path)
+		}
 		return s, nil
 	}
 	if err != nil {
