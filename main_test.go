@@ -876,6 +876,8 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 		{"garbage", "\x00\x01not json"},
 		{"an array", `[]`},
 		{"null", `null`},
+		{"a number", `42`},
+		{"next_id negative", `{"next_id":-1,"users":[]}`},
 		{"trailing data", valid + `{}`},
 		{"unknown field", `{"next_id":1,"users":[],"admins":[]}`},
 		{"duplicate emails", `{"next_id":3,"users":[` + user(1, "ann@example.com") + `,` + user(2, "ann@example.com") + `]}`},
@@ -899,6 +901,26 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 			}
 			if got, _ := os.ReadFile(path); string(got) != tt.content {
 				t.Errorf("file changed to %q", got)
+			}
+		})
+	}
+	for _, tt := range []struct {
+		name, content string
+		nextID        int64
+	}{
+		{"empty object", `{}`, 1},
+		{"no users", `{"next_id": 7, "users": []}`, 7},
+		{"next_id not given", `{"users":[` + user(4, "ann@example.com") + `,` + user(2, "bob@example.com") + `]}`, 5},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "users.json")
+			os.WriteFile(path, []byte(tt.content), 0o600)
+			s, err := openStore(path)
+			if err != nil {
+				t.Fatalf("openStore = %v, want it accepted", err)
+			}
+			if u, err := s.add("new@example.com", hash); err != nil || u.ID != tt.nextID {
+				t.Errorf("next user = %+v, %v; want id %d", u, err, tt.nextID)
 			}
 		})
 	}

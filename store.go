@@ -87,8 +87,11 @@ func openStore(path string) (*store, error) {
 
 // decodeStoreFile parses and checks a users file: one JSON object, no
 // unknown fields, ids positive and unique, emails normalised and unique,
-// every hash a bcrypt hash, and next_id above every id.
+// every hash a bcrypt hash, and next_id, if given, above every id.
 func decodeStoreFile(data []byte, f *storeFile) error {
+	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
+		return errors.New("not a JSON object")
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(f); err != nil {
@@ -117,7 +120,10 @@ func decodeStoreFile(data []byte, f *storeFile) error {
 		ids[u.ID], emails[u.Email] = true, true
 		maxID = max(maxID, u.ID)
 	}
-	if f.NextID <= maxID {
+	switch {
+	case f.NextID == 0: // not given, as in a file written by hand
+		f.NextID = maxID + 1
+	case f.NextID <= maxID:
 		return fmt.Errorf("next_id %d is not above the largest id %d", f.NextID, maxID)
 	}
 	return nil
