@@ -180,7 +180,7 @@ func appendUserLine(buf []byte, u User) []byte {
 	return append(buf, line...)
 }
 
-// fileParts returns the users file's content in three parts: s.encoded,
+// fileParts returns the users file's content in parts: s.encoded,
 // framed. It is written as it stands, not copied into one buffer: at 100,000
 // users a copy would be 12 MB of garbage for every registration.
 func (s *store) fileParts(nextID int64) [][]byte {
