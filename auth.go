@@ -179,7 +179,7 @@ const (
 // throttledError refuses a login, without checking it, to a client that
 // failed too often; it may try again after retryAfter.
 type throttledError struct {
-	retryAfter time.Duration
+	retryAfter time.Duration // whole seconds, rounded up, as Retry-After counts
 }
 
 func (e *throttledError) Error() string {
@@ -265,7 +265,7 @@ func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
 		}
 	}
 	if wait > 0 {
-		return loginAttempt{}, &throttledError{retryAfter: wait}
+		return loginAttempt{}, &throttledError{retryAfter: (wait + time.Second - 1).Truncate(time.Second)}
 	}
 	for _, k := range keys {
 		if k.max > 0 {

@@ -209,7 +209,7 @@ func handleLogin(logger *slog.Logger, accts *accounts, key *signingKey, now func
 		var throttled *throttledError
 		switch {
 		case errors.As(err, &throttled):
-			w.Header().Set("Retry-After", strconv.FormatInt(int64((throttled.retryAfter+time.Second-1)/time.Second), 10))
+			w.Header().Set("Retry-After", strconv.Itoa(int(throttled.retryAfter/time.Second)))
 			writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
 			return
 		case errors.Is(err, errInvalidCredentials):

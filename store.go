@@ -191,11 +191,11 @@ func (s *store) fileParts(nextID int64) [][]byte {
 	return [][]byte{append(head, '\n'), s.encoded, []byte("\n  ]\n}\n")}
 }
 
-// writeFileAtomic replaces the file at path with the parts of data, one after
-// the other, mode 0600, so that a
-// crash at any instant leaves either the old file or the new one whole: it
-// writes a temporary file in the same folder, flushes it to disk, renames it
-// over path, and flushes the folder so that the rename itself is durable.
+// writeFileAtomic replaces the file at path with the parts of data, one
+// after the other, mode 0600, so that a crash at any instant leaves either
+// the old file or the new one whole: it writes a temporary file in the same
+// folder, flushes it to disk, renames it over path, and flushes the folder
+// so that the rename itself is durable.
 func writeFileAtomic(path string, data ...[]byte) error {
 	dir, name := filepath.Split(path)
 	if dir == "" {
