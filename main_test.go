@@ -1146,6 +1146,19 @@ func TestRunServesAndStops(t *testing.T) {
 	if res.StatusCode != 200 {
 		t.Errorf("/healthz = %d", res.StatusCode)
 	}
+	// Headers: room for a token of 8 KiB and more, not for 32 KiB.
+	for size, want := range map[int]int{12 << 10: 200, 32 << 10: http.StatusRequestHeaderFieldsTooLarge} {
+		req, _ := http.NewRequest("GET", "http://"+addr+"/healthz", nil)
+		req.Header.Set("X-Padding", strings.Repeat("p", size))
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != want {
+			t.Errorf("/healthz with a %d-byte header = %d, want %d", size, res.StatusCode, want)
+		}
+	}
 	cancel()
 	waitRun(t, done)
 	log := out.String()
@@ -1154,6 +1167,45 @@ func TestRunServesAndStops(t *testing.T) {
 	}
 	if strings.Contains(log, "JWT_SECRET") {
 		t.Errorf("log warns about JWT_SECRET although it is set:\n%s", log)
+	}
+}
+
+// TestRunThrottleFlags logs in against run's server (bcrypt at DefaultCost)
+// with the default limits and with each flag set.
+func TestRunThrottleFlags(t *testing.T) {
+	tests := []struct {
+		name     string
+		args     []string
+		emails   []string // one failed login for each, then one more for the first
+		failures int      // how many of them get a 401 before the 429s
+	}{
+		{"default: 5 per account", nil, []string{"a@x.io", "a@x.io", "a@x.io", "a@x.io", "a@x.io", "a@x.io"}, 5},
+		{"-max-failures-per-account 1", []string{"-max-failures-per-account", "1"}, []string{"a@x.io", "a@x.io"}, 1},
+		{"-max-failures-per-address 2", []string{"-max-failures-per-address", "2"}, []string{"a@x.io", "b@x.io", "c@x.io"}, 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			args := append([]string{"-users", filepath.Join(t.TempDir(), "users.json")}, tt.args...)
+			addr, _, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
+			for i, email := range tt.emails {
+				res, err := http.Post("http://"+addr+"/login", "application/json", strings.NewReader(credentialsJSON(email, "guess")))
+				if err != nil {
+					t.Fatal(err)
+				}
+				res.Body.Close()
+				want := http.StatusUnauthorized
+				if i >= tt.failures {
+					want = http.StatusTooManyRequests
+				}
+				if res.StatusCode != want {
+					t.Errorf("login %d (%s) = %d, want %d", i+1, email, res.StatusCode, want)
+				}
+			}
+			cancel()
+			waitRun(t, done)
+		})
 	}
 }
 
@@ -1255,7 +1307,7 @@ func TestReadmeCommands(t *testing.T) {
 	}
 }
 
-// throttled is the 429 a throttled login gets.
+// throttledDetail is the detail of the 429 a throttled login gets.
 const throttledDetail = "Too many failed login attempts, try again later"
 
 // loginFrom logs in with JSON from a client address.
@@ -1381,35 +1433,34 @@ func TestThrottleConcurrentGuesses(t *testing.T) {
 	}
 }
 
-// TestThrottleOff: a limit of 0 turns that limit off.
+// TestThrottleOff: a limit of 0 turns that limit off. Each case fails
+// more often than the limit it turns off would allow, spread over emails so
+// that the limit left on is not reached.
 func TestThrottleOff(t *testing.T) {
 	tests := []struct {
-		name                     string
-		perAccount, perAddress   int
-		emails                   int  // distinct emails among the 30 failures
-		wantThrottledAfterTrying bool // is the 31st attempt throttled?
+		name                   string
+		perAccount, perAddress int
+		failures, emails       int  // failures, spread over this many emails
+		wantThrottled          bool // is the next attempt throttled?
 	}{
-		{"both off", 0, 0, 1, false},
-		{"per account off", 0, 100, 1, false},
-		{"per address off", 5, 0, 30, false},
-		{"per account on", 5, 0, 1, true},
+		{"both on, control", 5, 100, 5, 1, true},
+		{"per account off", 0, 100, 30, 1, false},
+		{"per address off", 5, 0, 150, 150, false},
+		{"both off", 0, 0, 150, 1, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			accts := newTestServerWith(t, "", bcrypt.MinCost, tt.perAccount, tt.perAddress, slog.New(slog.DiscardHandler)).accts
-			if _, err := accts.register(testEmail, testPassword); err != nil {
-				t.Fatal(err)
-			}
-			for i := range 30 {
+			for i := range tt.failures {
 				email := fmt.Sprintf("user%d@example.com", i%tt.emails)
-				if _, err := accts.authenticate("198.51.100.7", email, "guess"); !errors.Is(err, errInvalidCredentials) && !tt.wantThrottledAfterTrying {
-					t.Fatalf("attempt %d: %v, want errInvalidCredentials", i+1, err)
+				if _, err := accts.authenticate("198.51.100.7", email, "guess"); !errors.Is(err, errInvalidCredentials) {
+					t.Fatalf("failure %d: %v, want errInvalidCredentials", i+1, err)
 				}
 			}
 			_, err := accts.authenticate("198.51.100.7", "user0@example.com", "guess")
 			var throttled *throttledError
-			if got := errors.As(err, &throttled); got != tt.wantThrottledAfterTrying {
-				t.Errorf("throttled after 30 failures = %v (%v), want %v", got, err, tt.wantThrottledAfterTrying)
+			if got := errors.As(err, &throttled); got != tt.wantThrottled {
+				t.Errorf("throttled after %d failures = %v (%v), want %v", tt.failures, got, err, tt.wantThrottled)
 			}
 			if tt.perAccount == 0 && tt.perAddress == 0 && len(accts.limiter.entries) != 0 {
 				t.Errorf("limiter holds %d entries with both limits off", len(accts.limiter.entries))
