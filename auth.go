@@ -260,7 +260,7 @@ func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
 	}
 	var wait time.Duration
 	for _, k := range keys {
-		if c := l.get(k.key); k.max > 0 && c != nil && c.count >= k.max {
+		if c := l.get(k.key); c != nil && c.count >= k.max { // a limit of 0 keeps no counter
 			wait = max(wait, c.expires.Sub(now))
 		}
 	}
