@@ -1171,41 +1171,64 @@ func TestRunServesAndStops(t *testing.T) {
 }
 
 // TestRunThrottleFlags logs in against run's server (bcrypt at DefaultCost)
-// with the default limits and with each flag set.
+// with the default limits and with both flags set.
 func TestRunThrottleFlags(t *testing.T) {
+	type login struct {
+		email  string
+		status int // 401 for a counted failure, 429 when throttled
+	}
 	tests := []struct {
-		name     string
-		args     []string
-		emails   []string // one failed login for each, then one more for the first
-		failures int      // how many of them get a 401 before the 429s
+		name   string
+		args   []string
+		logins []login
 	}{
-		{"default: 5 per account", nil, []string{"a@x.io", "a@x.io", "a@x.io", "a@x.io", "a@x.io", "a@x.io"}, 5},
-		{"-max-failures-per-account 1", []string{"-max-failures-per-account", "1"}, []string{"a@x.io", "a@x.io"}, 1},
-		{"-max-failures-per-address 2", []string{"-max-failures-per-address", "2"}, []string{"a@x.io", "b@x.io", "c@x.io"}, 2},
+		{"default: 5 per account", nil, []login{
+			{"a@x.io", 401}, {"a@x.io", 401}, {"a@x.io", 401}, {"a@x.io", 401}, {"a@x.io", 401}, {"a@x.io", 429},
+		}},
+		{"-max-failures-per-account 1 -max-failures-per-address 2", []string{"-max-failures-per-account", "1", "-max-failures-per-address", "2"}, []login{
+			{"a@x.io", 401}, {"a@x.io", 429}, // the account's limit
+			{"b@x.io", 401}, {"c@x.io", 429}, // the address's limit
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel() // each counted failure runs bcrypt at DefaultCost
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			args := append([]string{"-users", filepath.Join(t.TempDir(), "users.json")}, tt.args...)
 			addr, _, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
-			for i, email := range tt.emails {
-				res, err := http.Post("http://"+addr+"/login", "application/json", strings.NewReader(credentialsJSON(email, "guess")))
+			for i, l := range tt.logins {
+				res, err := http.Post("http://"+addr+"/login", "application/json", strings.NewReader(credentialsJSON(l.email, "guess")))
 				if err != nil {
 					t.Fatal(err)
 				}
 				res.Body.Close()
-				want := http.StatusUnauthorized
-				if i >= tt.failures {
-					want = http.StatusTooManyRequests
-				}
-				if res.StatusCode != want {
-					t.Errorf("login %d (%s) = %d, want %d", i+1, email, res.StatusCode, want)
+				if res.StatusCode != l.status {
+					t.Errorf("login %d (%s) = %d, want %d", i+1, l.email, res.StatusCode, l.status)
 				}
 			}
 			cancel()
 			waitRun(t, done)
 		})
+	}
+}
+
+// TestRunHelp: -h prints the flags with their defaults and is no error.
+// (A 100-failure default is read here rather than paid for in bcrypt runs.)
+func TestRunHelp(t *testing.T) {
+	var out syncBuffer
+	if err := run(context.Background(), []string{"-h"}, func(string) (string, bool) { return "", false }, &out); err != nil {
+		t.Errorf("run -h = %v, want nil", err)
+	}
+	for _, want := range []string{
+		`-addr string`, `(default "localhost:8080")`,
+		`-users string`, `(default "users.json")`,
+		`-max-failures-per-account int`, `(default 5)`,
+		`-max-failures-per-address int`, `(default 100)`,
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("-h output lacks %q:\n%s", want, out.String())
+		}
 	}
 }
 
@@ -1433,9 +1456,10 @@ func TestThrottleConcurrentGuesses(t *testing.T) {
 	}
 }
 
-// TestThrottleOff: a limit of 0 turns that limit off. Each case fails
-// more often than the limit it turns off would allow, spread over emails so
-// that the limit left on is not reached.
+// TestThrottleOff: a limit of 0 turns that limit off. The limits left on
+// are 3 per account and 10 per address; each case fails more often than the
+// limit it turns off would allow, spread over emails so that the limit left
+// on is not reached.
 func TestThrottleOff(t *testing.T) {
 	tests := []struct {
 		name                   string
@@ -1443,10 +1467,10 @@ func TestThrottleOff(t *testing.T) {
 		failures, emails       int  // failures, spread over this many emails
 		wantThrottled          bool // is the next attempt throttled?
 	}{
-		{"both on, control", 5, 100, 5, 1, true},
-		{"per account off", 0, 100, 30, 1, false},
-		{"per address off", 5, 0, 150, 150, false},
-		{"both off", 0, 0, 150, 1, false},
+		{"both on, control", 3, 10, 3, 1, true},
+		{"per account off", 0, 10, 5, 1, false},
+		{"per address off", 3, 0, 12, 12, false},
+		{"both off", 0, 0, 12, 1, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
