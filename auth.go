@@ -1,7 +1,7 @@
-// auth.go holds passwords and users: the tutorial's User, hashPassword and
-// verifyPassword, the rules an email and a password must meet, accounts,
-// which registers users and checks a login, and loginLimiter, which stops
-// password guessing.
+// auth.go holds passwords and logins: the tutorial's hashPassword,
+// verifyPassword and authenticateUser, the rules a new email and password
+// must meet, accounts, which registers users and checks a login, and
+// loginLimiter, which stops password guessing.
 //
 // A failed login must not tell anyone which emails are registered, neither
 // by what it says nor by how long it takes. So a login for an unknown email
@@ -10,6 +10,7 @@
 // a password, failures are counted, per client address and email and per
 // client address, and past a limit a login is refused before bcrypt runs
 // (RFC 6749 section 4.3.2, NIST SP 800-63B section 5.2.2).
+
 package main
 
 import (
@@ -19,7 +20,6 @@ import (
 	"errors"
 	"fmt"
 	"net/mail"
-	"strings"
 	"sync"
 	"time"
 
@@ -37,25 +37,11 @@ const (
 // password alike.
 var errInvalidCredentials = errors.New("invalid email or password")
 
-// User is a registered user, as the store keeps it. Its JSON form is the
-// users file's; a response to a client must not carry PasswordHash.
-type User struct {
-	ID           int64  `json:"id"`
-	Email        string `json:"email"`
-	PasswordHash string `json:"password_hash"`
-}
-
 // validationError says which rule a registration broke, in a sentence for
 // the client.
 type validationError string
 
 func (e validationError) Error() string { return string(e) }
-
-// normalizeEmail trims the surrounding spaces and lower-cases the email, so
-// that " Ann@Example.com" and "ann@example.com" are one account.
-func normalizeEmail(email string) string {
-	return strings.ToLower(strings.TrimSpace(email))
-}
 
 // validateEmail checks a normalised email: a bare address that net/mail
 // accepts (no display name, no angle brackets), at most 254 bytes.
@@ -144,16 +130,15 @@ func (a *accounts) register(email, password string) (User, error) {
 	return a.users.add(email, hash)
 }
 
-// authenticate returns the user whose email and password these are, or
-// errInvalidCredentials, or a *throttledError if client, the caller's
+// authenticateUser returns the user whose email and password these are,
+// or errInvalidCredentials, or a *throttledError if client, the caller's
 // address, has failed too often. It applies none of the registration
 // rules: any password is simply compared with the stored hash.
-func (a *accounts) authenticate(client, email, password string) (User, error) {
+func (a *accounts) authenticateUser(client, email, password string) (User, error) {
 	email = normalizeEmail(email)
 	// Decided before bcrypt runs, and alike for registered and unknown
 	// emails: a throttled login costs nothing and tells nothing.
-	attempt, err := a.limiter.begin(client, email)
-	if err != nil {
+	if err := a.limiter.begin(client, email); err != nil {
 		return User{}, err
 	}
 	u, found := a.users.lookup(email)
@@ -166,7 +151,7 @@ func (a *accounts) authenticate(client, email, password string) (User, error) {
 	if !verifyPassword(password, u.PasswordHash) {
 		return User{}, errInvalidCredentials
 	}
-	a.limiter.succeeded(attempt)
+	a.limiter.succeeded(client, email)
 	return u, nil
 }
 
@@ -188,8 +173,8 @@ func (e *throttledError) Error() string {
 
 // loginLimiter counts failed logins over a 15-minute window, for each client
 // address and email together and for each client address alone. A window
-// opens at a key's first failure; once its count reaches the limit, every
-// attempt under that key is refused until the window closes.
+// opens at a count's first failure; once the count reaches its limit, every
+// attempt under it is refused until the window closes.
 //
 // An attempt is counted as a failure when it begins, before bcrypt runs,
 // and taken back if it succeeds. So concurrent guesses cannot slip past the
@@ -200,32 +185,32 @@ type loginLimiter struct {
 	now           func() time.Time
 
 	// mu guards the fields below. It is never held while bcrypt runs.
-	mu      sync.Mutex
-	entries map[limiterKey]*list.Element // each holds a *failureCount
-	// byAge holds the entries oldest first. Every window is 15 minutes
-	// long, so the oldest entry is also the first to expire.
+	mu     sync.Mutex
+	counts map[limiterKey]*list.Element // each holds a *failureCount
+	// byAge holds the counts oldest first. Every window is 15 minutes long,
+	// so the oldest count is also the first to expire.
 	byAge list.List
 }
 
-// limiterKey names a counter. A login's email may be any string up to the
-// 64 KiB body limit, so the key holds its SHA-256, which bounds an entry's
-// size; an address's own counter has no email.
+// limiterKey names a count. A login's email may be any string up to the
+// 64 KiB body limit, so the key holds its SHA-256, which bounds a count's
+// size; an address's own count has none.
 type limiterKey struct {
-	addr    string
-	email   [sha256.Size]byte
-	account bool // true for the address-and-email counter
+	addr  string
+	email [sha256.Size]byte // zero for the address's own count
 }
 
-// failureCount is one counter's state.
+// limiterKeys returns the keys of the two counts a login by addr for email
+// falls under.
+func limiterKeys(addr, email string) (account, address limiterKey) {
+	return limiterKey{addr, sha256.Sum256([]byte(email))}, limiterKey{addr: addr}
+}
+
+// failureCount is one count's state.
 type failureCount struct {
 	key     limiterKey
-	count   int
+	n       int
 	expires time.Time // when the window, opened by the first failure, closes
-}
-
-// loginAttempt is what begin counted, for succeeded to take back.
-type loginAttempt struct {
-	account, address limiterKey
 }
 
 // newLoginLimiter returns a limiter with the given limits (0 turns one off)
@@ -235,86 +220,82 @@ func newLoginLimiter(maxPerAccount, maxPerAddress int, now func() time.Time) *lo
 		maxPerAccount: maxPerAccount,
 		maxPerAddress: maxPerAddress,
 		now:           now,
-		entries:       make(map[limiterKey]*list.Element),
+		counts:        make(map[limiterKey]*list.Element),
 	}
 }
 
 // begin counts a login attempt by addr for email as a failure, or returns a
 // *throttledError, counting nothing, if a limit is already reached.
-func (l *loginLimiter) begin(addr, email string) (loginAttempt, error) {
+func (l *loginLimiter) begin(addr, email string) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
 	l.dropExpired(now)
 
-	attempt := loginAttempt{
-		account: limiterKey{addr: addr, email: sha256.Sum256([]byte(email)), account: true},
-		address: limiterKey{addr: addr},
-	}
-	keys := []struct {
-		key limiterKey
-		max int
-	}{
-		{attempt.account, l.maxPerAccount},
-		{attempt.address, l.maxPerAddress},
-	}
-	var wait time.Duration
-	for _, k := range keys {
-		if c := l.get(k.key); c != nil && c.count >= k.max { // a limit of 0 keeps no counter
-			wait = max(wait, c.expires.Sub(now))
-		}
-	}
+	account, address := limiterKeys(addr, email)
+	wait := max(l.wait(account, l.maxPerAccount, now), l.wait(address, l.maxPerAddress, now))
 	if wait > 0 {
-		return loginAttempt{}, &throttledError{retryAfter: (wait + time.Second - 1).Truncate(time.Second)}
+		return &throttledError{retryAfter: (wait + time.Second - 1).Truncate(time.Second)}
 	}
-	for _, k := range keys {
-		if k.max > 0 {
-			l.add(k.key, now)
-		}
-	}
-	return attempt, nil
-}
-
-// succeeded takes back the failure that begin counted for a login that
-// succeeded, and clears the count for its address and email.
-func (l *loginLimiter) succeeded(a loginAttempt) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if e, ok := l.entries[a.account]; ok {
-		l.remove(e)
-	}
-	if e, ok := l.entries[a.address]; ok {
-		if c := e.Value.(*failureCount); c.count > 1 {
-			c.count--
-		} else {
-			l.remove(e)
-		}
-	}
-}
-
-// get returns key's counter, or nil.
-func (l *loginLimiter) get(key limiterKey) *failureCount {
-	if e, ok := l.entries[key]; ok {
-		return e.Value.(*failureCount)
-	}
+	l.count(account, l.maxPerAccount, now)
+	l.count(address, l.maxPerAddress, now)
 	return nil
 }
 
-// add counts one failure under key, opening a window if there is none. When
-// the counters are full, the oldest goes to make room.
-func (l *loginLimiter) add(key limiterKey, now time.Time) {
-	if c := l.get(key); c != nil {
-		c.count++
-		return
+// succeeded clears the count of addr and email after a login succeeded, and
+// takes its own attempt back from the address's count: failures made
+// against other emails stay counted, or one account of one's own would
+// reset the address's limit.
+func (l *loginLimiter) succeeded(addr, email string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	account, address := limiterKeys(addr, email)
+	if e, ok := l.counts[account]; ok {
+		l.remove(e)
 	}
-	if len(l.entries) >= maxLimiterEntries {
-		l.remove(l.byAge.Front())
-	}
-	c := &failureCount{key: key, count: 1, expires: now.Add(failureWindow)}
-	l.entries[key] = l.byAge.PushBack(c)
+	l.uncount(address)
 }
 
-// dropExpired removes the counters whose window has closed: they are at the
+// wait returns how long the count under key, whose limit is max, still
+// refuses logins: zero if it does not. A limit of 0 keeps no count.
+func (l *loginLimiter) wait(key limiterKey, max int, now time.Time) time.Duration {
+	e, ok := l.counts[key]
+	if !ok || e.Value.(*failureCount).n < max {
+		return 0
+	}
+	return e.Value.(*failureCount).expires.Sub(now)
+}
+
+// count counts one failure under key, opening a window if there is none.
+// When the counts are full, the oldest goes to make room.
+func (l *loginLimiter) count(key limiterKey, max int, now time.Time) {
+	if max == 0 {
+		return
+	}
+	if e, ok := l.counts[key]; ok {
+		e.Value.(*failureCount).n++
+		return
+	}
+	if len(l.counts) >= maxLimiterEntries {
+		l.remove(l.byAge.Front())
+	}
+	l.counts[key] = l.byAge.PushBack(&failureCount{key: key, n: 1, expires: now.Add(failureWindow)})
+}
+
+// uncount takes one failure back from the count under key.
+func (l *loginLimiter) uncount(key limiterKey) {
+	e, ok := l.counts[key]
+	if !ok {
+		return
+	}
+	if c := e.Value.(*failureCount); c.n > 1 {
+		c.n--
+		return
+	}
+	l.remove(e)
+}
+
+// dropExpired removes the counts whose window has closed: they are at the
 // front of byAge.
 func (l *loginLimiter) dropExpired(now time.Time) {
 	for e := l.byAge.Front(); e != nil && !now.Before(e.Value.(*failureCount).expires); e = l.byAge.Front() {
@@ -323,6 +304,6 @@ func (l *loginLimiter) dropExpired(now time.Time) {
 }
 
 func (l *loginLimiter) remove(e *list.Element) {
-	delete(l.entries, e.Value.(*failureCount).key)
+	delete(l.counts, e.Value.(*failureCount).key)
 	l.byAge.Remove(e)
 }

@@ -3,15 +3,6 @@
 // email and a password (kept as a bcrypt hash), log in with the same pair,
 // and get an OAuth2-style bearer token that opens /users/me.
 //
-// Routes:
-//
-//	POST /register   {"email", "password"} -> 201 {"id", "email"}
-//	POST /login      JSON {"email", "password"} or an OAuth2 password form
-//	                 -> 200 {"access_token", "token_type", "expires_in"},
-//	                 or 429 after too many failures (see loginLimiter)
-//	GET  /users/me   Authorization: Bearer <token> -> 200 {"id", "email"}
-//	GET  /healthz    -> 200 {"status": "ok"}
-//
 // This file holds the program, the routes and the handlers. A request's
 // journey: run builds the server; newServer names the routes; each handle*
 // function reads the request, calls into auth.go, jwt.go or store.go, and
@@ -19,6 +10,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -30,6 +22,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -89,7 +82,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	}
 
 	srv := &http.Server{
-		Handler:           newServer(logger, accts, newSigningKey(secret), time.Now),
+		Handler:           newServer(logger, accts, secret, time.Now),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
@@ -141,11 +134,11 @@ func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]b
 
 // newServer returns the server's handler: every route, behind the request
 // log and the headers that go on every response.
-func newServer(logger *slog.Logger, accts *accounts, key *signingKey, now func() time.Time) http.Handler {
+func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /register", handleRegister(logger, accts))
-	mux.Handle("POST /login", handleLogin(logger, accts, key, now))
-	mux.Handle("GET /users/me", handleUsersMe(accts.users, key, now))
+	mux.Handle("POST /login", handleLogin(logger, accts, secret, now))
+	mux.Handle("GET /users/me", handleUsersMe(accts.users, secret, now))
 	mux.Handle("GET /healthz", handleHealthz())
 	return logRequests(logger, commonHeaders(mux))
 }
@@ -162,17 +155,8 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 			return
 		}
 		u, err := accts.register(email, password)
-		var invalid validationError
-		switch {
-		case errors.As(err, &invalid):
-			writeError(w, http.StatusUnprocessableEntity, invalid.Error())
-			return
-		case errors.Is(err, errEmailTaken):
-			writeError(w, http.StatusConflict, "Email already registered")
-			return
-		case err != nil:
-			logger.Error("register", "err", err)
-			writeError(w, http.StatusInternalServerError, "Internal server error")
+		if err != nil {
+			writeAccountsError(w, logger, err)
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
@@ -184,7 +168,7 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 // takes the tutorial's JSON body or the OAuth2 password form (RFC 6749
 // section 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm
 // send.
-func handleLogin(logger *slog.Logger, accts *accounts, key *signingKey, now func() time.Time) http.Handler {
+func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
 	type response struct {
 		AccessToken string `json:"access_token"`
 		TokenType   string `json:"token_type"`
@@ -201,37 +185,21 @@ func handleLogin(logger *slog.Logger, accts *accounts, key *signingKey, now func
 		default:
 			writeError(w, http.StatusUnsupportedMediaType,
 				"body must be JSON or an OAuth2 form (Content-Type: application/x-www-form-urlencoded)")
+			return
 		}
 		if !ok {
 			return
 		}
-		u, err := accts.authenticate(clientAddr(r), email, password)
-		var throttled *throttledError
-		switch {
-		case errors.As(err, &throttled):
-			w.Header().Set("Retry-After", strconv.Itoa(int(throttled.retryAfter/time.Second)))
-			writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
-			return
-		case errors.Is(err, errInvalidCredentials):
-			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
-			writeError(w, http.StatusUnauthorized, "Invalid email or password")
-			return
-		case err != nil:
-			logger.Error("login", "err", err)
-			writeError(w, http.StatusInternalServerError, "Internal server error")
-			return
-		}
-		token, err := createAccessToken(u.Email, key, now())
+		u, err := accts.authenticateUser(clientAddr(r), email, password)
 		if err != nil {
-			logger.Error("login: create token", "err", err)
-			writeError(w, http.StatusInternalServerError, "Internal server error")
+			writeAccountsError(w, logger, err)
 			return
 		}
 		// A token must not be kept by any cache (RFC 6749 section 5.1).
 		w.Header().Set("Cache-Control", "no-store")
 		w.Header().Set("Pragma", "no-cache")
 		writeJSON(w, http.StatusOK, response{
-			AccessToken: token,
+			AccessToken: createAccessToken(u.Email, secret, now()),
 			TokenType:   "bearer",
 			ExpiresIn:   int64(accessTokenLifetime / time.Second),
 		})
@@ -239,7 +207,7 @@ func handleLogin(logger *slog.Logger, accts *accounts, key *signingKey, now func
 }
 
 // handleUsersMe returns the user whose bearer token the request carries.
-func handleUsersMe(users *store, key *signingKey, now func() time.Time) http.Handler {
+func handleUsersMe(users *store, secret []byte, now func() time.Time) http.Handler {
 	type response struct {
 		ID    int64  `json:"id"`
 		Email string `json:"email"`
@@ -252,14 +220,11 @@ func handleUsersMe(users *store, key *signingKey, now func() time.Time) http.Han
 			writeError(w, http.StatusUnauthorized, "Not authenticated")
 			return
 		}
-		email, err := verifyAccessToken(token, key, now())
+		u, err := currentUser(token, users, secret, now())
 		if err != nil {
-			writeInvalidToken(w)
-			return
-		}
-		u, found := users.lookup(email)
-		if !found {
-			writeInvalidToken(w)
+			// A token that failed a check (RFC 6750 section 3.1).
+			w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
+			writeError(w, http.StatusUnauthorized, "Could not validate credentials")
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
@@ -295,11 +260,19 @@ func bearerToken(r *http.Request) (string, bool) {
 	return strings.TrimLeft(token, " "), true
 }
 
-// writeInvalidToken answers a bearer token that failed a check (RFC 6750
-// section 3.1).
-func writeInvalidToken(w http.ResponseWriter) {
-	w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
-	writeError(w, http.StatusUnauthorized, "Could not validate credentials")
+// currentUser returns the user a bearer token was issued to: the
+// tutorial's get_current_user. Every refusal wraps errInvalidToken, a token
+// whose user no longer exists included.
+func currentUser(token string, users *store, secret []byte, now time.Time) (User, error) {
+	email, err := verifyAccessToken(token, secret, now)
+	if err != nil {
+		return User{}, err
+	}
+	u, found := users.lookup(email)
+	if !found {
+		return User{}, fmt.Errorf("%w: user %q no longer exists", errInvalidToken, email)
+	}
+	return u, nil
 }
 
 // readJSONCredentials reads {"email": "...", "password": "..."}. If the body
@@ -327,32 +300,25 @@ func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 // password and an optional grant_type, which must then be "password". If
 // the form is not that, it writes the error response and returns false.
 func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
-	if r.ContentLength > maxBodyBytes {
-		writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
+	body, ok := readBody(w, r)
+	if !ok {
 		return "", "", false
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
-	if err := r.ParseForm(); err != nil {
-		if maxErr := (*http.MaxBytesError)(nil); errors.As(err, &maxErr) {
-			writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
-		} else {
-			writeError(w, http.StatusUnprocessableEntity, "body is not a valid form")
-		}
+	// The body alone, never the URL's query: a password must not be in a URL.
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		writeError(w, http.StatusUnprocessableEntity, "body is not a valid form")
 		return "", "", false
 	}
-	// PostForm, not Form: a password must come in the body, not the URL.
-	form := r.PostForm
 	if grant, present := form["grant_type"]; present && (len(grant) != 1 || grant[0] != "password") {
 		writeError(w, http.StatusBadRequest, "unsupported grant_type")
 		return "", "", false
 	}
-	switch {
-	case !form.Has("username"):
-		writeError(w, http.StatusUnprocessableEntity, "username is required")
-		return "", "", false
-	case !form.Has("password"):
-		writeError(w, http.StatusUnprocessableEntity, "password is required")
-		return "", "", false
+	for _, field := range []string{"username", "password"} {
+		if !form.Has(field) {
+			writeError(w, http.StatusUnprocessableEntity, field+" is required")
+			return "", "", false
+		}
 	}
 	return form.Get("username"), form.Get("password"), true
 }
@@ -365,55 +331,54 @@ func readJSON(w http.ResponseWriter, r *http.Request, dst any) bool {
 		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
 		return false
 	}
-	if r.ContentLength > maxBodyBytes {
-		writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
+	body, ok := readBody(w, r)
+	if !ok {
 		return false
 	}
-	status, detail := decodeJSON(http.MaxBytesReader(w, r.Body, maxBodyBytes), dst)
-	if status != 0 {
-		writeError(w, status, detail)
-		return false
-	}
-	return true
-}
-
-// decodeJSON decodes body, which must hold one JSON object, into dst. It
-// returns status 0, or the status and detail of the error response.
-func decodeJSON(body io.Reader, dst any) (status int, detail string) {
 	var (
 		syntaxErr *json.SyntaxError
 		typeErr   *json.UnmarshalTypeError
-		maxErr    *http.MaxBytesError
 	)
-	dec := json.NewDecoder(body)
+	dec := json.NewDecoder(bytes.NewReader(body))
 	err := dec.Decode(dst)
-	if err == nil {
-		// One object only: anything after it but spaces is an error.
-		err = dec.Decode(&struct{}{})
-		if err == io.EOF {
-			return 0, ""
-		}
-		if !errors.As(err, &maxErr) {
-			return http.StatusUnprocessableEntity, "body must hold a single JSON object and nothing after it"
-		}
+	if err == nil && dec.Decode(&struct{}{}) != io.EOF {
+		writeError(w, http.StatusUnprocessableEntity, "body must hold a single JSON object and nothing after it")
+		return false
 	}
 	switch {
-	case errors.As(err, &maxErr):
-		return http.StatusRequestEntityTooLarge, "body must be at most 64 KiB"
+	case err == nil:
+		return true
 	case errors.As(err, &syntaxErr):
-		return http.StatusUnprocessableEntity, fmt.Sprintf("body is malformed JSON at byte %d", syntaxErr.Offset)
+		writeError(w, http.StatusUnprocessableEntity, fmt.Sprintf("body is malformed JSON at byte %d", syntaxErr.Offset))
 	case errors.Is(err, io.ErrUnexpectedEOF):
-		return http.StatusUnprocessableEntity, "body is malformed JSON: it ends too soon"
+		writeError(w, http.StatusUnprocessableEntity, "body is malformed JSON: it ends too soon")
 	case errors.Is(err, io.EOF):
-		return http.StatusUnprocessableEntity, "body must not be empty"
+		writeError(w, http.StatusUnprocessableEntity, "body must not be empty")
 	case errors.As(err, &typeErr) && typeErr.Field == "":
-		return http.StatusUnprocessableEntity, "body must be a JSON object"
+		writeError(w, http.StatusUnprocessableEntity, "body must be a JSON object")
 	case errors.As(err, &typeErr):
-		return http.StatusUnprocessableEntity, fmt.Sprintf("%s must be a %s, not a JSON %s",
-			typeErr.Field, strings.TrimPrefix(typeErr.Type.String(), "*"), typeErr.Value)
+		writeError(w, http.StatusUnprocessableEntity, fmt.Sprintf("%s must be a %s, not a JSON %s",
+			typeErr.Field, strings.TrimPrefix(typeErr.Type.String(), "*"), typeErr.Value))
 	default:
-		return http.StatusUnprocessableEntity, "body is not valid JSON"
+		writeError(w, http.StatusUnprocessableEntity, "body is not valid JSON")
 	}
+	return false
+}
+
+// readBody reads a request body of at most 64 KiB. If it is larger, it
+// writes the 413 and returns false.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if maxErr := (*http.MaxBytesError)(nil); errors.As(err, &maxErr) {
+		writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
+		return nil, false
+	}
+	if err != nil {
+		// The client stopped sending, or sent a broken chunked body.
+		writeError(w, http.StatusUnprocessableEntity, "body could not be read")
+		return nil, false
+	}
+	return body, true
 }
 
 // isJSON reports whether a media type is JSON: application/json, or a
@@ -437,6 +402,28 @@ func writeError(w http.ResponseWriter, status int, detail string) {
 	writeJSON(w, status, struct {
 		Detail string `json:"detail"`
 	}{detail})
+}
+
+// writeAccountsError answers an error from a registration or a login.
+func writeAccountsError(w http.ResponseWriter, logger *slog.Logger, err error) {
+	var invalid validationError
+	var throttled *throttledError
+	switch {
+	case errors.As(err, &invalid):
+		writeError(w, http.StatusUnprocessableEntity, invalid.Error())
+	case errors.Is(err, errEmailTaken):
+		writeError(w, http.StatusConflict, "Email already registered")
+	case errors.Is(err, errInvalidCredentials):
+		// The same answer for an unknown email and a wrong password.
+		w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
+		writeError(w, http.StatusUnauthorized, "Invalid email or password")
+	case errors.As(err, &throttled):
+		w.Header().Set("Retry-After", strconv.Itoa(int(throttled.retryAfter/time.Second)))
+		writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
+	default: // the disk failed: the log says how; the client must not
+		logger.Error("request failed", "err", err)
+		writeError(w, http.StatusInternalServerError, "Internal server error")
+	}
 }
 
 // writeJSON writes v as a JSON response: headers, then status, then body.
@@ -479,6 +466,3 @@ func (rec *statusRecorder) WriteHeader(status int) {
 	rec.status = status
 	rec.ResponseWriter.WriteHeader(status)
 }
-
-// Unwrap lets http.ResponseController reach the real ResponseWriter.
-func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }

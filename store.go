@@ -1,13 +1,15 @@
 // store.go holds the user store: every registered user, kept in memory for
 // fast lookups and in one human-readable JSON file so that users survive a
-// restart. It plays the part of the tutorial's database and knows nothing of
-// HTTP, passwords or tokens: it keeps what it is given.
+// restart. It plays the part of the tutorial's database. It knows nothing
+// of HTTP or tokens, and of passwords only that a stored hash must be a
+// bcrypt hash.
 //
 // Two promises shape it. A change reaches the disk before the caller is told
 // it happened, and it is written so that a crash at any instant leaves either
 // the old file or the new one whole. And a reader never waits for the disk:
 // the new file is written before the change is swapped into memory, under a
 // lock that readers do not take.
+
 package main
 
 import (
@@ -23,6 +25,20 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 )
+
+// User is a registered user, as the store keeps it. Its JSON form is the
+// users file's; a response to a client must not carry PasswordHash.
+type User struct {
+	ID           int64  `json:"id"`
+	Email        string `json:"email"`
+	PasswordHash string `json:"password_hash"`
+}
+
+// normalizeEmail trims the surrounding spaces and lower-cases the email, so
+// that " Ann@Example.com" and "ann@example.com" are one account.
+func normalizeEmail(email string) string {
+	return strings.ToLower(strings.TrimSpace(email))
+}
 
 // errEmailTaken is returned by add when the email is already registered.
 var errEmailTaken = errors.New("email already registered")
@@ -40,17 +56,15 @@ type store struct {
 
 	// writeMu is held by a change from start to end, disk write included, so
 	// changes happen one at a time. Readers never take it. It also guards
-	// encoded, which only changes use.
+	// users and nextID, which only changes use.
 	writeMu sync.Mutex
-	// encoded holds one line of JSON per user, in id order, ready to be
-	// written; a change appends one line instead of encoding every user anew.
-	encoded []byte
+	users   []User // every user, in the file's order
+	nextID  int64
 
-	// mu guards the fields below. Readers hold it for a map lookup; a change
-	// holds it only to swap in a user whose file is already on disk.
+	// mu guards byEmail. Readers hold it for a map lookup; a change holds it
+	// only to add a user whose file is already on disk.
 	mu      sync.RWMutex
 	byEmail map[string]User // key: the user's normalised email
-	nextID  int64
 }
 
 // openStore loads the users file at path. A missing file is an empty store;
@@ -74,20 +88,17 @@ func openStore(path string) (*store, error) {
 	if err := decodeStoreFile(data, &f); err != nil {
 		return nil, fmt.Errorf("users file %s is not a valid users file (it was left untouched): %w", path, err)
 	}
-	// The encoded lines take about as much room as the file: leave a
-	// quarter more for the registrations to come.
-	s.encoded = make([]byte, 0, len(data)+len(data)/4)
 	for _, u := range f.Users {
 		s.byEmail[u.Email] = u
-		s.encoded = appendUserLine(s.encoded, u)
 	}
-	s.nextID = f.NextID
+	s.users, s.nextID = f.Users, f.NextID
 	return s, nil
 }
 
 // decodeStoreFile parses and checks a users file: one JSON object, no
-// unknown fields, ids positive and unique, emails normalised and unique,
-// every hash a bcrypt hash, and next_id, if given, above every id.
+// unknown fields (a later write would drop them), ids positive and unique,
+// emails normalised and unique, every hash a bcrypt hash, and next_id, if
+// given, above every id.
 func decodeStoreFile(data []byte, f *storeFile) error {
 	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
 		return errors.New("not a JSON object")
@@ -141,66 +152,60 @@ func (s *store) lookup(email string) (User, bool) {
 // add registers a user with a normalised email and a password hash, writes
 // the users file, and only then makes the user visible. If the file cannot
 // be written, nothing changes and the error says why.
+//
+// Every registration encodes and rewrites the whole file: simple, and cheap
+// while users are few, but its cost grows with them; the README's
+// Performance section gives the figures and the scale this suits.
 func (s *store) add(email, passwordHash string) (User, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 
-	// Only changes write byEmail and nextID, and they hold writeMu, so they
-	// can be read here without mu.
+	// Only changes write byEmail, and they hold writeMu, so it can be read
+	// here without mu.
 	if _, taken := s.byEmail[email]; taken {
 		return User{}, errEmailTaken
 	}
 	u := User{ID: s.nextID, Email: email, PasswordHash: passwordHash}
-
-	oldLen := len(s.encoded)
-	s.encoded = appendUserLine(s.encoded, u)
-	if err := writeFileAtomic(s.path, s.fileParts(u.ID+1)...); err != nil {
-		s.encoded = s.encoded[:oldLen]
+	users := append(s.users, u) // s.users keeps its length until the file is written
+	if err := writeFileAtomic(s.path, encodeStoreFile(storeFile{NextID: u.ID + 1, Users: users})); err != nil {
 		return User{}, fmt.Errorf("save users to %s: %w", s.path, err)
 	}
 
+	s.users, s.nextID = users, u.ID+1
 	s.mu.Lock()
 	s.byEmail[email] = u
-	s.nextID = u.ID + 1
 	s.mu.Unlock()
 	return u, nil
 }
 
-// appendUserLine appends u as one line of the users array.
-func appendUserLine(buf []byte, u User) []byte {
-	line, err := json.Marshal(u)
-	if err != nil {
-		// A struct of an int and two strings always encodes.
-		panic(fmt.Sprintf("encode user: %v", err))
+// encodeStoreFile returns the users file's content: JSON with one user per
+// line, so that the file reads, and is edited, a user at a time.
+func encodeStoreFile(f storeFile) []byte {
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
+	enc := json.NewEncoder(&buf)
+	for i, u := range f.Users {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		buf.WriteString("\n    ")
+		enc.Encode(u)               // a struct of a number and two strings always encodes
+		buf.Truncate(buf.Len() - 1) // the newline Encode ends with
 	}
-	if len(buf) > 0 {
-		buf = append(buf, ",\n"...)
-	}
-	buf = append(buf, "    "...)
-	return append(buf, line...)
+	buf.WriteString("\n  ]\n}\n")
+	return buf.Bytes()
 }
 
-// fileParts returns the users file's content in parts: s.encoded,
-// framed. It is written as it stands, not copied into one buffer: at 100,000
-// users a copy would be 12 MB of garbage for every registration.
-func (s *store) fileParts(nextID int64) [][]byte {
-	head := fmt.Appendf(nil, "{\n  \"next_id\": %d,\n  \"users\": [", nextID)
-	if len(s.encoded) == 0 {
-		return [][]byte{head, []byte("]\n}\n")}
-	}
-	return [][]byte{append(head, '\n'), s.encoded, []byte("\n  ]\n}\n")}
-}
-
-// writeFileAtomic replaces the file at path with the parts of data, one
-// after the other, mode 0600, so that a crash at any instant leaves either
-// the old file or the new one whole: it writes a temporary file in the same
-// folder, flushes it to disk, renames it over path, and flushes the folder
-// so that the rename itself is durable.
-func writeFileAtomic(path string, data ...[]byte) error {
+// writeFileAtomic replaces the file at path with data, so that a
+// crash at any instant leaves either the old file or the new one whole: it
+// writes a temporary file in the same folder, flushes it to disk, renames
+// it over path, and flushes the folder so that the rename itself is durable.
+func writeFileAtomic(path string, data []byte) error {
 	dir, name := filepath.Split(path)
 	if dir == "" {
 		dir = "."
 	}
+	// CreateTemp makes the file 0600: only its owner may read the hashes.
 	tmp, err := os.CreateTemp(dir, "."+strings.TrimPrefix(name, ".")+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("create temporary file: %w", err)
@@ -212,15 +217,8 @@ func writeFileAtomic(path string, data ...[]byte) error {
 			os.Remove(tmp.Name())
 		}
 	}()
-	// CreateTemp already makes the file 0600; say so explicitly, since the
-	// file holds password hashes.
-	if err := tmp.Chmod(0o600); err != nil {
-		return fmt.Errorf("chmod temporary file: %w", err)
-	}
-	for _, part := range data {
-		if _, err := tmp.Write(part); err != nil {
-			return fmt.Errorf("write temporary file: %w", err)
-		}
+	if _, err := tmp.Write(data); err != nil {
+		return fmt.Errorf("write temporary file: %w", err)
 	}
 	if err := tmp.Sync(); err != nil {
 		return fmt.Errorf("sync temporary file: %w", err)
