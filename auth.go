@@ -1,7 +1,8 @@
 // auth.go holds passwords and logins: the tutorial's hashPassword,
 // verifyPassword and authenticateUser, the rules a new email and password
-// must meet, accounts, which registers users and checks a login, and
-// loginLimiter, which stops password guessing.
+// must meet, accounts, which registers users and checks a login, cpuSlots,
+// which keeps bcrypt from overloading the CPUs, and loginLimiter, which
+// stops password guessing.
 //
 // A failed login must not tell anyone which emails are registered, neither
 // by what it says nor by how long it takes. So a login for an unknown email
@@ -15,13 +16,16 @@ package main
 
 import (
 	"container/list"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/mail"
+	"strings"
 	"sync"
 	"time"
+	"unicode"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -48,6 +52,11 @@ func (e validationError) Error() string { return string(e) }
 func validateEmail(email string) error {
 	if len(email) > maxEmailBytes {
 		return validationError(fmt.Sprintf("email must be at most %d bytes", maxEmailBytes))
+	}
+	// Invisible characters (zero-width spaces, byte-order marks, bidi
+	// overrides, controls) would let two accounts look alike.
+	if i := strings.IndexFunc(email, func(r rune) bool { return unicode.In(r, unicode.Cc, unicode.Cf, unicode.Z) }); i >= 0 {
+		return validationError(fmt.Sprintf("email must not hold control, format or separator characters, such as the %U at byte %d", []rune(email[i:])[0], i))
 	}
 	addr, err := mail.ParseAddress(email)
 	if err != nil || addr.Name != "" || addr.Address != email {
@@ -90,26 +99,29 @@ func verifyPassword(password, hash string) bool {
 type accounts struct {
 	users   *store
 	limiter *loginLimiter
+	cpus    *cpuSlots
 	cost    int // bcrypt cost of new hashes: bcrypt.DefaultCost, or MinCost in tests
 	// dummyHash is compared when a login names an unknown email, so that it
 	// costs the same time as a wrong password and does not reveal which
-	// emails are registered.
+	// emails are registered. Its cost is the highest of the store's, since a
+	// users file made elsewhere may hold costlier hashes than ours.
 	dummyHash string
 }
 
-// newAccounts returns accounts over users, hashing new passwords at cost
-// and throttling failed logins with limiter.
-func newAccounts(users *store, limiter *loginLimiter, cost int) (*accounts, error) {
-	dummyHash, err := hashPassword(rand.Text(), cost)
+// newAccounts returns accounts over users, hashing new passwords at cost,
+// running bcrypt in cpus and throttling failed logins with limiter.
+func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int) (*accounts, error) {
+	dummyHash, err := hashPassword(rand.Text(), max(cost, users.costliestHash()))
 	if err != nil {
 		return nil, fmt.Errorf("make dummy hash: %w", err)
 	}
-	return &accounts{users: users, limiter: limiter, cost: cost, dummyHash: dummyHash}, nil
+	return &accounts{users: users, limiter: limiter, cpus: cpus, cost: cost, dummyHash: dummyHash}, nil
 }
 
 // register creates a user. It returns a validationError if the email or
-// password breaks a rule, and errEmailTaken if the email is registered.
-func (a *accounts) register(email, password string) (User, error) {
+// password breaks a rule, errEmailTaken if the email is registered, and
+// errServerBusy if no CPU came free in time.
+func (a *accounts) register(ctx context.Context, email, password string) (User, error) {
 	email = normalizeEmail(email)
 	if err := validateEmail(email); err != nil {
 		return User{}, err
@@ -123,7 +135,11 @@ func (a *accounts) register(email, password string) (User, error) {
 		return User{}, errEmailTaken
 	}
 	// bcrypt runs here, before the store takes any lock.
+	if err := a.cpus.acquire(ctx); err != nil {
+		return User{}, err
+	}
 	hash, err := hashPassword(password, a.cost)
+	a.cpus.release()
 	if err != nil {
 		return User{}, err
 	}
@@ -132,15 +148,21 @@ func (a *accounts) register(email, password string) (User, error) {
 
 // authenticateUser returns the user whose email and password these are,
 // or errInvalidCredentials, or a *throttledError if client, the caller's
-// address, has failed too often. It applies none of the registration
-// rules: any password is simply compared with the stored hash.
-func (a *accounts) authenticateUser(client, email, password string) (User, error) {
+// address, has failed too often, or errServerBusy. It applies none of the
+// registration rules: any password is simply compared with the stored hash.
+func (a *accounts) authenticateUser(ctx context.Context, client, email, password string) (User, error) {
 	email = normalizeEmail(email)
 	// Decided before bcrypt runs, and alike for registered and unknown
-	// emails: a throttled login costs nothing and tells nothing.
+	// emails: a throttled login costs nothing, waits for nothing and tells
+	// nothing.
 	if err := a.limiter.begin(client, email); err != nil {
 		return User{}, err
 	}
+	if err := a.cpus.acquire(ctx); err != nil {
+		a.limiter.cancel(client, email) // the password was not checked
+		return User{}, err
+	}
+	defer a.cpus.release()
 	u, found := a.users.lookup(email)
 	if !found {
 		// Same bcrypt cost as a wrong password, so timing does not reveal
@@ -154,6 +176,44 @@ func (a *accounts) authenticateUser(client, email, password string) (User, error
 	a.limiter.succeeded(client, email)
 	return u, nil
 }
+
+// errServerBusy refuses a request that found no CPU free to run bcrypt in
+// time, or whose client gave up waiting.
+var errServerBusy = errors.New("server busy: no CPU free for bcrypt")
+
+// maxBcryptWait is how long a request waits for a CPU before it is refused.
+const maxBcryptWait = 2 * time.Second
+
+// cpuSlots lets as many bcrypt runs at once as there are CPUs. A bcrypt run
+// keeps a CPU busy for its whole length, so more at once would only slow
+// every run down together until all time out. Instead the others wait their
+// turn, first come first served (a channel hands its free slot to the
+// sender that has waited longest), and are refused after maxWait, so that
+// the CPUs keep doing as many logins a second as they can.
+type cpuSlots struct {
+	slots   chan struct{} // one value for each bcrypt run under way
+	maxWait time.Duration
+}
+
+func newCPUSlots(cpus int, maxWait time.Duration) *cpuSlots {
+	return &cpuSlots{slots: make(chan struct{}, cpus), maxWait: maxWait}
+}
+
+// acquire takes a slot, waiting for at most maxWait; if none comes free in
+// time, or ctx ends first, it returns errServerBusy. Each acquire that
+// succeeds must be followed by a release.
+func (c *cpuSlots) acquire(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.maxWait)
+	defer cancel()
+	select {
+	case c.slots <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return errServerBusy
+	}
+}
+
+func (c *cpuSlots) release() { <-c.slots }
 
 // Throttling of failed logins.
 const (
@@ -253,6 +313,16 @@ func (l *loginLimiter) succeeded(addr, email string) {
 	if e, ok := l.counts[account]; ok {
 		l.remove(e)
 	}
+	l.uncount(address)
+}
+
+// cancel takes back an attempt that begin counted but whose password was
+// never checked.
+func (l *loginLimiter) cancel(addr, email string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	account, address := limiterKeys(addr, email)
+	l.uncount(account)
 	l.uncount(address)
 }
 

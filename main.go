@@ -25,10 +25,13 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -56,14 +59,15 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	usersPath := flags.String("users", "users.json", "file that stores the users (created on the first registration)")
 	maxPerAccount := flags.Int("max-failures-per-account", 5, "failed logins for one client address and email in 15 minutes before logins are refused (0: no limit)")
 	maxPerAddress := flags.Int("max-failures-per-address", 100, "failed logins for one client address in 15 minutes before logins are refused (0: no limit)")
+	maxConns := flags.Int("max-connections-per-address", 64, "open connections allowed for one client address; more are closed at once (0: no limit)")
 	if err := flags.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return err
 	}
-	if *maxPerAccount < 0 || *maxPerAddress < 0 {
-		return errors.New("-max-failures-per-account and -max-failures-per-address must be 0 (no limit) or more")
+	if *maxPerAccount < 0 || *maxPerAddress < 0 || *maxConns < 0 {
+		return errors.New("-max-failures-per-account, -max-failures-per-address and -max-connections-per-address must be 0 (no limit) or more")
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 
@@ -71,12 +75,13 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return err
 	}
-	users, err := openStore(*usersPath)
+	users, err := openStore(*usersPath, logger)
 	if err != nil {
 		return err
 	}
 	limiter := newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now)
-	accts, err := newAccounts(users, limiter, bcrypt.DefaultCost)
+	cpus := newCPUSlots(runtime.GOMAXPROCS(0), maxBcryptWait)
+	accts, err := newAccounts(users, limiter, cpus, bcrypt.DefaultCost)
 	if err != nil {
 		return err
 	}
@@ -94,6 +99,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	ln = limitConnections(ln, *maxConns)
 	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
 
 	serveErr := make(chan error, 1)
@@ -135,9 +141,17 @@ func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]b
 // newServer returns the server's handler: every route, behind the request
 // log and the headers that go on every response.
 func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+	// A page on another site must not make its visitors' browsers register
+	// or log in: five failed logins would lock them out. Clients that are not
+	// browsers send no Sec-Fetch-Site or Origin, and pass.
+	sameOrigin := http.NewCrossOriginProtection()
+	sameOrigin.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusForbidden, "Cross-origin request refused")
+	}))
+
 	mux := http.NewServeMux()
-	mux.Handle("POST /register", handleRegister(logger, accts))
-	mux.Handle("POST /login", handleLogin(logger, accts, secret, now))
+	mux.Handle("POST /register", sameOrigin.Handler(handleRegister(logger, accts)))
+	mux.Handle("POST /login", sameOrigin.Handler(handleLogin(logger, accts, secret, now)))
 	mux.Handle("GET /users/me", handleUsersMe(accts.users, secret, now))
 	mux.Handle("GET /healthz", handleHealthz())
 	return logRequests(logger, commonHeaders(mux))
@@ -154,7 +168,7 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 		if !ok {
 			return
 		}
-		u, err := accts.register(email, password)
+		u, err := accts.register(r.Context(), email, password)
 		if err != nil {
 			writeAccountsError(w, logger, err)
 			return
@@ -190,7 +204,7 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 		if !ok {
 			return
 		}
-		u, err := accts.authenticateUser(clientAddr(r), email, password)
+		u, err := accts.authenticateUser(r.Context(), clientAddr(r.RemoteAddr), email, password)
 		if err != nil {
 			writeAccountsError(w, logger, err)
 			return
@@ -239,12 +253,12 @@ func handleHealthz() http.Handler {
 	})
 }
 
-// clientAddr returns the host of the connection's remote address. Proxy
+// clientAddr returns the host of a connection's remote address. Proxy
 // headers such as X-Forwarded-For are not trusted: any client can set them.
-func clientAddr(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
+func clientAddr(remoteAddr string) string {
+	host, _, err := net.SplitHostPort(remoteAddr)
 	if err != nil {
-		return r.RemoteAddr
+		return remoteAddr
 	}
 	return host
 }
@@ -292,6 +306,11 @@ func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 	case body.Password == nil:
 		writeError(w, http.StatusUnprocessableEntity, "password is required and must be a string")
 		return "", "", false
+	case strings.ContainsRune(*body.Email+*body.Password, utf8.RuneError):
+		// What an escaped half of a surrogate pair ("\ud800") decodes to:
+		// refused, so that different inputs never become one password.
+		writeError(w, http.StatusUnprocessableEntity, "email and password must be valid Unicode text (no U+FFFD)")
+		return "", "", false
 	}
 	return *body.Email, *body.Password, true
 }
@@ -333,6 +352,12 @@ func readJSON(w http.ResponseWriter, r *http.Request, dst any) bool {
 	}
 	body, ok := readBody(w, r)
 	if !ok {
+		return false
+	}
+	// Else encoding/json would turn each invalid byte into U+FFFD, and
+	// different passwords into one.
+	if !utf8.Valid(body) {
+		writeError(w, http.StatusUnprocessableEntity, "body must be valid UTF-8")
 		return false
 	}
 	var (
@@ -420,6 +445,9 @@ func writeAccountsError(w http.ResponseWriter, logger *slog.Logger, err error) {
 	case errors.As(err, &throttled):
 		w.Header().Set("Retry-After", strconv.Itoa(int(throttled.retryAfter/time.Second)))
 		writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
+	case errors.Is(err, errServerBusy):
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "Server busy, try again later")
 	default: // the disk failed: the log says how; the client must not
 		logger.Error("request failed", "err", err)
 		writeError(w, http.StatusInternalServerError, "Internal server error")
@@ -454,6 +482,65 @@ func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
 		logger.Info("request", "method", r.Method, "path", r.URL.Path,
 			"status", rec.status, "duration", time.Since(start))
 	})
+}
+
+// limitConnections caps the open connections of each client address at max
+// (0: no cap), closing any over it at once, so that one client cannot take
+// the file descriptors and memory that others need.
+func limitConnections(ln net.Listener, max int) net.Listener {
+	if max == 0 {
+		return ln
+	}
+	return &connLimiter{Listener: ln, max: max, open: make(map[string]int)}
+}
+
+// connLimiter is a listener that counts the open connections of each
+// client address.
+type connLimiter struct {
+	net.Listener
+	max int
+
+	mu   sync.Mutex     // guards open
+	open map[string]int // open connections by client address
+}
+
+func (l *connLimiter) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		addr := clientAddr(conn.RemoteAddr().String())
+		l.mu.Lock()
+		admitted := l.open[addr] < l.max
+		if admitted {
+			l.open[addr]++
+		}
+		l.mu.Unlock()
+		if admitted {
+			return &countedConn{Conn: conn, limiter: l, addr: addr}, nil
+		}
+		conn.Close()
+	}
+}
+
+// countedConn gives its place back to its address's count when closed.
+type countedConn struct {
+	net.Conn
+	limiter *connLimiter
+	addr    string
+	once    sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(func() {
+		c.limiter.mu.Lock()
+		defer c.limiter.mu.Unlock()
+		if c.limiter.open[c.addr]--; c.limiter.open[c.addr] == 0 {
+			delete(c.limiter.open, c.addr)
+		}
+	})
+	return c.Conn.Close()
 }
 
 // statusRecorder remembers the status a handler wrote, for the log.

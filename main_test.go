@@ -5,14 +5,15 @@
 //
 //  1. Harness: test servers, requests, and the checks every section uses
 //  2. Register: POST /register
-//  3. Login: POST /login, passwords, the dummy hash
+//  3. Login: POST /login, passwords, the dummy hash, other sites
 //  4. Throttling: failed logins counted and refused
-//  5. Users/me: GET /users/me, GET /healthz, headers on every response
-//  6. Tokens: createAccessToken and verifyAccessToken
-//  7. Store: the users file
-//  8. Run: the program, its flags, its log and its lifecycle
-//  9. Fuzz: arbitrary tokens and request bodies
-//  10. Benchmarks
+//  5. Busy CPUs and many connections: bcrypt's admission, the per-address cap
+//  6. Users/me: GET /users/me, GET /healthz, headers on every response
+//  7. Tokens: createAccessToken and verifyAccessToken
+//  8. Store: the users file
+//  9. Run: the program, its flags, its log and its lifecycle
+//  10. Fuzz: arbitrary tokens and request bodies
+//  11. Benchmarks
 
 package main
 
@@ -28,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -35,6 +37,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -74,6 +77,9 @@ func (c *fakeClock) advance(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
+// discardLog is a logger that writes nowhere.
+var discardLog = slog.New(slog.DiscardHandler)
+
 // noLimit turns a throttling limit off in a serverConfig.
 const noLimit = -1
 
@@ -81,11 +87,13 @@ const noLimit = -1
 // usual one: a new users file in a temporary folder, bcrypt at MinCost,
 // the default limits, no log.
 type serverConfig struct {
-	usersPath     string       // "" for a new file in a temporary folder
-	cost          int          // bcrypt cost of new hashes; 0 for MinCost
-	maxPerAccount int          // 0 for the default, 5; noLimit for none
-	maxPerAddress int          // 0 for the default, 100; noLimit for none
-	logger        *slog.Logger // nil for no log
+	usersPath     string        // "" for a new file in a temporary folder
+	cost          int           // bcrypt cost of new hashes; 0 for MinCost
+	maxPerAccount int           // 0 for the default, 5; noLimit for none
+	maxPerAddress int           // 0 for the default, 100; noLimit for none
+	cpus          int           // bcrypt runs at once; 0 for GOMAXPROCS
+	maxCPUWait    time.Duration // 0 for the default, maxBcryptWait
+	logger        *slog.Logger  // nil for no log
 }
 
 // testServer is a server over a users file, with a clock the test moves.
@@ -114,16 +122,22 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 	if cfg.cost == 0 {
 		cfg.cost = bcrypt.MinCost
 	}
+	if cfg.cpus == 0 {
+		cfg.cpus = runtime.GOMAXPROCS(0)
+	}
+	if cfg.maxCPUWait == 0 {
+		cfg.maxCPUWait = maxBcryptWait
+	}
 	if cfg.logger == nil {
 		cfg.logger = slog.New(slog.DiscardHandler)
 	}
-	users, err := openStore(cfg.usersPath)
+	users, err := openStore(cfg.usersPath, cfg.logger)
 	if err != nil {
 		tb.Fatalf("openStore: %v", err)
 	}
 	clock := newFakeClock()
 	limiter := newLoginLimiter(limit(cfg.maxPerAccount, 5), limit(cfg.maxPerAddress, 100), clock.now)
-	accts, err := newAccounts(users, limiter, cfg.cost)
+	accts, err := newAccounts(users, limiter, newCPUSlots(cfg.cpus, cfg.maxCPUWait), cfg.cost)
 	if err != nil {
 		tb.Fatalf("newAccounts: %v", err)
 	}
@@ -325,6 +339,17 @@ func TestRegister(t *testing.T) {
 		{"string body", "application/json", `"ann"`, 422, "", []string{"object"}},
 		{"null body", "application/json", `null`, 422, "", []string{"email"}},
 
+		{"email with a zero-width space", "application/json", credentialsJSON("ann\u200b@example.com", testPassword), 422, "", []string{"email", "U+200B"}},
+		{"email with a byte-order mark", "application/json", credentialsJSON("\ufeffann@example.com", testPassword), 422, "", []string{"email", "U+FEFF"}},
+		{"email with a bidi override", "application/json", credentialsJSON("ann\u202e@example.com", testPassword), 422, "", []string{"email", "U+202E"}},
+		{"email with a C1 control", "application/json", credentialsJSON("ann\u0085@example.com", testPassword), 422, "", []string{"email", "U+0085"}},
+		{"email with a no-break space", "application/json", credentialsJSON("ann\u00a0@example.com", testPassword), 422, "", []string{"email", "U+00A0"}},
+		{"email with a line separator", "application/json", credentialsJSON("ann\u2028@example.com", testPassword), 422, "", []string{"email", "U+2028"}},
+		{"email with a paragraph separator", "application/json", credentialsJSON("ann\u2029@example.com", testPassword), 422, "", []string{"email", "U+2029"}},
+		{"password not UTF-8", "application/json", "{\"email\":\"ann@example.com\",\"password\":\"correct horse \xff\"}", 422, "", []string{"UTF-8"}},
+		{"unknown field not UTF-8", "application/json", "{\"email\":\"ann@example.com\",\"password\":\"correct horse\",\"name\":\"\xc0\"}", 422, "", []string{"UTF-8"}},
+		{"password with half a surrogate pair", "application/json", `{"email":"ann@example.com","password":"correct horse \ud800"}`, 422, "", []string{"U+FFFD"}},
+
 		{"text content type", "text/plain", credentialsJSON(testEmail, testPassword), 415, "", []string{"JSON"}},
 		{"form content type", "application/x-www-form-urlencoded", "email=ann%40example.com&password=12345678", 415, "", []string{"JSON"}},
 		{"no content type", "", credentialsJSON(testEmail, testPassword), 415, "", []string{"JSON"}},
@@ -436,6 +461,8 @@ func TestLogin(t *testing.T) {
 		{"JSON, password a number", "application/json", `{"email":"ann@example.com","password":12345678}`, "", 422, ""},
 		{"JSON, malformed", "application/json", `{"email":`, "", 422, ""},
 		{"JSON, trailing data", "application/json", credentialsJSON(testEmail, testPassword) + "[]", "", 422, ""},
+		{"JSON, password not UTF-8", "application/json", "{\"email\":\"ann@example.com\",\"password\":\"\xfe\"}", "", 422, "body must be valid UTF-8"},
+		{"JSON, password with half a surrogate pair", "application/json", `{"email":"ann@example.com","password":"\udfff"}`, "", 422, ""},
 		{"form, username missing", form, "password=x", "", 422, ""},
 		{"form, password missing", form, "username=ann%40example.com", "", 422, ""},
 		{"form, malformed", form, "username=%zz&password=x", "", 422, ""},
@@ -496,21 +523,91 @@ func TestLoginFailuresAlike(t *testing.T) {
 	}
 }
 
-// TestDummyHashCostsLikeARealOne checks that a login for an unknown email
-// runs bcrypt at the cost new users' hashes have.
-func TestDummyHashCostsLikeARealOne(t *testing.T) {
-	for _, cost := range []int{bcrypt.MinCost, bcrypt.MinCost + 1} {
-		accts := newTestServer(t, serverConfig{cost: cost}).accts
-		if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != cost {
-			t.Errorf("dummy hash cost = %d, %v; want %d", got, err, cost)
-		}
-		u, err := accts.register(testEmail, testPassword)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got, _ := bcrypt.Cost([]byte(u.PasswordHash)); got != cost {
-			t.Errorf("user hash cost = %d, want %d", got, cost)
-		}
+// TestDummyHashCost: a login for an unknown email runs bcrypt at the cost
+// of the costliest hash in the store, and at least at the cost new hashes
+// get. A users file made elsewhere may hold costlier hashes (passlib's
+// default is 12) than ours.
+func TestDummyHashCost(t *testing.T) {
+	tests := []struct {
+		name             string
+		cost, storedCost int // storedCost 0: no users
+		want             int
+	}{
+		{"no users", bcrypt.MinCost, 0, bcrypt.MinCost},
+		{"no users, another cost", bcrypt.MinCost + 1, 0, bcrypt.MinCost + 1},
+		{"a costlier stored hash", bcrypt.MinCost, bcrypt.MinCost + 2, bcrypt.MinCost + 2},
+		{"a cheaper stored hash", bcrypt.MinCost + 1, bcrypt.MinCost, bcrypt.MinCost + 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "users.json")
+			if tt.storedCost != 0 {
+				hash, _ := hashPassword(testPassword, tt.storedCost)
+				os.WriteFile(path, encodeStoreFile(storeFile{NextID: 2, Users: []User{{1, "old@example.com", hash}}}), 0o600)
+			}
+			accts := newTestServer(t, serverConfig{usersPath: path, cost: tt.cost}).accts
+			if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != tt.want {
+				t.Errorf("dummy hash cost = %d, %v; want %d", got, err, tt.want)
+			}
+			u, err := accts.register(context.Background(), testEmail, testPassword)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := bcrypt.Cost([]byte(u.PasswordHash)); got != tt.cost {
+				t.Errorf("new user's hash cost = %d, want %d", got, tt.cost)
+			}
+		})
+	}
+}
+
+// TestCrossOriginRefused: a registration or login that a browser marks as
+// coming from another site is refused with 403 before anything else
+// happens: no body read, no count, no bcrypt, no user. So a hostile page
+// cannot lock its visitors out. Requests without those headers, same-origin
+// ones, and safe methods pass.
+func TestCrossOriginRefused(t *testing.T) {
+	tests := []struct {
+		name    string
+		header  map[string]string
+		refused bool
+	}{
+		{"Sec-Fetch-Site cross-site", map[string]string{"Sec-Fetch-Site": "cross-site"}, true},
+		{"Sec-Fetch-Site same-site", map[string]string{"Sec-Fetch-Site": "same-site"}, true},
+		{"Origin of another host", map[string]string{"Origin": "https://evil.example"}, true},
+		{"Sec-Fetch-Site same-origin", map[string]string{"Sec-Fetch-Site": "same-origin"}, false},
+		{"Sec-Fetch-Site none (typed by the user)", map[string]string{"Sec-Fetch-Site": "none"}, false},
+		{"Origin of this host", map[string]string{"Origin": "http://example.com"}, false},
+		{"no browser headers, as curl", nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ts := newTestServer(t, serverConfig{})
+			token := ts.token(t)
+			from := func(req request) request { req.header = tt.header; return req }
+			login := from(postForm("/login", "username=ann%40example.com&password="+url.QueryEscape(testPassword)))
+			wrong := from(postForm("/login", "username=ann%40example.com&password=guess"))
+			register := from(postJSON("/register", credentialsJSON("bob@example.com", testPassword)))
+			notJSON := from(request{method: "POST", path: "/register", contentType: "text/plain", body: "x"})
+			me := request{method: "GET", path: "/users/me", header: map[string]string{"Authorization": "Bearer " + token}}
+			maps.Copy(me.header, tt.header)
+			if !tt.refused {
+				checkJSON(t, ts.do(t, login), 200, nil)
+				checkJSON(t, ts.do(t, register), 201, nil)
+				checkJSON(t, ts.do(t, notJSON), 415, nil)
+				return
+			}
+			for _, req := range []request{wrong, wrong, wrong, wrong, wrong, wrong, login, register, notJSON} {
+				checkJSON(t, ts.do(t, req), 403, map[string]any{"detail": "Cross-origin request refused"})
+			}
+			if n := len(ts.accts.limiter.counts); n != 0 {
+				t.Errorf("limiter holds %d counts after refused requests, want 0", n)
+			}
+			if _, found := ts.users.lookup("bob@example.com"); found {
+				t.Error("a refused registration was stored")
+			}
+			checkJSON(t, ts.login(t, testEmail, testPassword), 200, nil) // the visitor, not locked out
+			checkJSON(t, ts.do(t, me), 200, nil)                         // a safe method passes
+		})
 	}
 }
 
@@ -520,15 +617,15 @@ func TestDummyHashCostsLikeARealOne(t *testing.T) {
 // milliseconds, so a slow machine slows both alike.
 func TestUnknownEmailCostsOneComparison(t *testing.T) {
 	accts := newTestServer(t, serverConfig{cost: bcrypt.MinCost + 3, maxPerAccount: noLimit, maxPerAddress: noLimit}).accts
-	if _, err := accts.register(testEmail, testPassword); err != nil {
+	if _, err := accts.register(context.Background(), testEmail, testPassword); err != nil {
 		t.Fatal(err)
 	}
 	fastest := func(email string) time.Duration {
 		best := time.Hour
 		for range 5 {
 			start := time.Now()
-			if _, err := accts.authenticateUser(testClient, email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
-				t.Fatalf("authenticateUser(%s) = %v", email, err)
+			if _, err := accts.authenticateUser(context.Background(), testClient, email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
+				t.Fatalf("authenticateUser(context.Background(), %s) = %v", email, err)
 			}
 			best = min(best, time.Since(start))
 		}
@@ -709,11 +806,11 @@ func TestThrottleOff(t *testing.T) {
 			accts := newTestServer(t, serverConfig{maxPerAccount: tt.perAccount, maxPerAddress: tt.perAddress}).accts
 			for i := range tt.failures {
 				email := fmt.Sprintf("user%d@example.com", i%tt.emails)
-				if _, err := accts.authenticateUser(testClient, email, "guess"); !errors.Is(err, errInvalidCredentials) {
+				if _, err := accts.authenticateUser(context.Background(), testClient, email, "guess"); !errors.Is(err, errInvalidCredentials) {
 					t.Fatalf("failure %d: %v, want errInvalidCredentials", i+1, err)
 				}
 			}
-			_, err := accts.authenticateUser(testClient, "user0@example.com", "guess")
+			_, err := accts.authenticateUser(context.Background(), testClient, "user0@example.com", "guess")
 			var throttled *throttledError
 			if got := errors.As(err, &throttled); got != tt.wantThrottled {
 				t.Errorf("throttled after %d failures = %v (%v), want %v", tt.failures, got, err, tt.wantThrottled)
@@ -730,17 +827,17 @@ func TestThrottleOff(t *testing.T) {
 // takes milliseconds, so a slow machine slows both alike.
 func TestThrottleSkipsBcrypt(t *testing.T) {
 	accts := newTestServer(t, serverConfig{cost: bcrypt.MinCost + 4}).accts
-	accts.register(testEmail, testPassword)
+	accts.register(context.Background(), testEmail, testPassword)
 	var wrong time.Duration
 	for range 5 {
 		start := time.Now()
-		accts.authenticateUser(testClient, testEmail, "guess")
+		accts.authenticateUser(context.Background(), testClient, testEmail, "guess")
 		wrong = max(wrong, time.Since(start))
 	}
 	var throttled time.Duration
 	for range 5 {
 		start := time.Now()
-		_, err := accts.authenticateUser(testClient, testEmail, testPassword)
+		_, err := accts.authenticateUser(context.Background(), testClient, testEmail, testPassword)
 		throttled = max(throttled, time.Since(start))
 		if _, ok := err.(*throttledError); !ok {
 			t.Fatalf("authenticateUser = %v, want a *throttledError", err)
@@ -791,7 +888,157 @@ func TestLimiterBounded(t *testing.T) {
 	}
 }
 
-// 5. Users/me
+// 5. Busy CPUs and many connections
+
+// holdCPUs takes every bcrypt slot of ts, as logins under way would, and
+// returns a function that gives them back.
+func holdCPUs(t *testing.T, ts *testServer) (release func()) {
+	t.Helper()
+	n := cap(ts.accts.cpus.slots)
+	for range n {
+		if err := ts.accts.cpus.acquire(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return func() {
+		for range n {
+			ts.accts.cpus.release()
+		}
+	}
+}
+
+// TestBusyCPUs: when every CPU is running bcrypt and none comes free in
+// time, logins and registrations answer 503 with Retry-After: 1, are not
+// counted as failures, and change nothing. Once a CPU is free they work.
+func TestBusyCPUs(t *testing.T) {
+	ts := newTestServer(t, serverConfig{cpus: 2, maxCPUWait: 10 * time.Millisecond})
+	ts.register(t, testEmail, testPassword)
+	release := holdCPUs(t, ts)
+	busy := []request{
+		postJSON("/login", credentialsJSON(testEmail, testPassword)),
+		postForm("/login", "username=ann%40example.com&password=guess"),
+		postJSON("/register", credentialsJSON("bob@example.com", testPassword)),
+	}
+	for range 4 { // more wrong passwords than the limit of 5 allows, with the rest
+		busy = append(busy, postJSON("/login", credentialsJSON(testEmail, "guess")))
+	}
+	for _, req := range busy {
+		w := ts.do(t, req)
+		checkJSON(t, w, 503, map[string]any{"detail": "Server busy, try again later"})
+		checkHeaders(t, w, "Retry-After", "1")
+	}
+	if n := len(ts.accts.limiter.counts); n != 0 {
+		t.Errorf("limiter holds %d counts after 503s, want 0", n)
+	}
+	if _, found := ts.users.lookup("bob@example.com"); found {
+		t.Error("a registration answered 503 was stored")
+	}
+	release()
+	for range 5 {
+		checkJSON(t, ts.login(t, testEmail, "guess"), 401, nil)
+	}
+	checkThrottled(t, ts.login(t, testEmail, testPassword), "900")
+	checkJSON(t, ts.register(t, "bob@example.com", testPassword), 201, nil)
+}
+
+// TestBusyCPUsWait: a request waits for a CPU, and gets it when one comes
+// free within the wait; a client that gives up stops waiting at once.
+func TestBusyCPUsWait(t *testing.T) {
+	ts := newTestServer(t, serverConfig{cpus: 1, maxCPUWait: 10 * time.Second})
+	ts.register(t, testEmail, testPassword)
+	release := holdCPUs(t, ts)
+	time.AfterFunc(50*time.Millisecond, release)
+	checkJSON(t, ts.login(t, testEmail, testPassword), 200, nil)
+
+	release = holdCPUs(t, ts)
+	defer release()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	start := time.Now()
+	if _, err := ts.accts.authenticateUser(ctx, testClient, testEmail, testPassword); !errors.Is(err, errServerBusy) || time.Since(start) > time.Second {
+		t.Errorf("authenticateUser for a client gone = %v after %v, want errServerBusy at once", err, time.Since(start))
+	}
+}
+
+// TestThrottleBeforeAdmission: a throttled login is refused at once, even
+// while every CPU is busy: it never waits for one.
+func TestThrottleBeforeAdmission(t *testing.T) {
+	ts := newTestServer(t, serverConfig{cpus: 1, maxCPUWait: 5 * time.Second})
+	for range 5 {
+		checkJSON(t, ts.login(t, testEmail, "guess"), 401, nil)
+	}
+	defer holdCPUs(t, ts)()
+	checkThrottled(t, ts.login(t, testEmail, "guess"), "900")
+}
+
+// TestConnectionsPerAddress serves on a real listener with a cap of 3: a
+// fourth connection from one address is closed at once, while another
+// address is served, and a closed connection gives its place back.
+func TestConnectionsPerAddress(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if limitConnections(ln, 0) != ln {
+		t.Error("a cap of 0 is not \"no cap\"")
+	}
+	srv := &http.Server{Handler: ts.handler}
+	go srv.Serve(limitConnections(ln, 3))
+	defer srv.Close()
+
+	// healthz opens a connection from the loopback address from, and asks
+	// for /healthz on it, leaving it open.
+	healthz := func(from string) (net.Conn, error) {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: time.Second}
+		conn, err := d.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		conn.SetDeadline(time.Now().Add(2 * time.Second))
+		fmt.Fprint(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+		res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		res.Body.Close()
+		return conn, nil
+	}
+	var held []net.Conn
+	for i := range 3 {
+		conn, err := healthz("127.0.0.1")
+		if err != nil {
+			t.Fatalf("connection %d: %v", i+1, err)
+		}
+		held = append(held, conn)
+	}
+	if conn, err := healthz("127.0.0.1"); err == nil {
+		conn.Close()
+		t.Error("a fourth connection from one address was served")
+	}
+	if conn, err := healthz("127.0.0.2"); err != nil {
+		t.Errorf("another address was refused: %v", err)
+	} else {
+		conn.Close()
+	}
+	held[0].Close()
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		conn, err := healthz("127.0.0.1")
+		if err == nil {
+			conn.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a closed connection did not give its place back: %v", err)
+		}
+	}
+	for _, conn := range held[1:] {
+		conn.Close()
+	}
+}
+
+// 6. Users/me
 
 func TestUsersMe(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
@@ -955,7 +1202,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
-// 6. Tokens
+// 7. Tokens
 
 // forge builds a token from raw header and claims JSON, signed with
 // HMAC-SHA256 under key over the segments as encoded. It is written apart
@@ -1135,7 +1382,7 @@ func TestCreateAccessToken(t *testing.T) {
 	}
 }
 
-// 7. Store
+// 8. Store
 
 // snapshot describes every file below dir: its name and content.
 func snapshot(t *testing.T, dir string) string {
@@ -1259,7 +1506,7 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tt.content), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			_, err := openStore(path)
+			_, err := openStore(path, discardLog)
 			if err == nil || !strings.Contains(err.Error(), path) {
 				t.Errorf("openStore = %v, want an error naming %s", err, path)
 			}
@@ -1280,7 +1527,7 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "users.json")
 			os.WriteFile(path, []byte(tt.content), 0o600)
-			s, err := openStore(path)
+			s, err := openStore(path, discardLog)
 			if err != nil {
 				t.Fatalf("openStore = %v, want it accepted", err)
 			}
@@ -1292,7 +1539,7 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 	t.Run("valid control", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "users.json")
 		os.WriteFile(path, []byte(valid), 0o600)
-		s, err := openStore(path)
+		s, err := openStore(path, discardLog)
 		if err != nil {
 			t.Fatalf("openStore(valid) = %v", err)
 		}
@@ -1302,68 +1549,77 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 	})
 }
 
-// TestRegisterWriteFails breaks the users file's folder in three ways: the
-// registration answers 500, memory does not hold the user, and the folder
-// is as it was before the failed write. Once the folder is repaired, the
-// next write and the next start see only what was answered with a 201.
+// watchDisk wraps the store's disk steps: it records each one, as "sync
+// file" (the temporary file's), "rename" or "sync folder", and makes the
+// one named fail return an error instead of running.
+func watchDisk(s *store, fail string) *[]string {
+	var steps []string
+	real := s.disk
+	step := func(name string, do func() error) error {
+		steps = append(steps, name)
+		if name == fail {
+			return errors.New("injected failure")
+		}
+		return do()
+	}
+	s.disk = diskSteps{
+		sync: func(f *os.File) error {
+			name := "sync file"
+			if info, err := f.Stat(); err == nil && info.IsDir() {
+				name = "sync folder"
+			}
+			return step(name, func() error { return real.sync(f) })
+		},
+		rename: func(oldpath, newpath string) error {
+			return step("rename", func() error { return real.rename(oldpath, newpath) })
+		},
+	}
+	return &steps
+}
+
+// TestRegisterWriteFails fails a registration's write before the new file
+// is in place: the registration answers 500, memory does not hold the user,
+// and the folder is as it was. Once the disk works again, the next write and
+// the next start see only what was answered with a 201.
 func TestRegisterWriteFails(t *testing.T) {
 	tests := []struct {
-		name            string
-		breakIt, repair func(t *testing.T, dir, path string)
+		name    string
+		breakIt func(t *testing.T, ts *testServer)
 	}{
-		{
-			name: "read-only folder",
-			breakIt: func(t *testing.T, dir, path string) {
-				if os.Geteuid() == 0 {
-					t.Skip("root writes to read-only folders; the other cases fail the write as root too")
-				}
-				os.Chmod(dir, 0o500)
-				t.Cleanup(func() { os.Chmod(dir, 0o700) })
-			},
-			repair: func(t *testing.T, dir, path string) { os.Chmod(dir, 0o700) },
-		},
-		{
-			name:    "folder removed",
-			breakIt: func(t *testing.T, dir, path string) { os.RemoveAll(dir) },
-			repair:  func(t *testing.T, dir, path string) { os.Mkdir(dir, 0o700) },
-		},
-		{
-			// A folder in the file's place: the temporary file is written and
-			// synced, and then cannot be renamed over it.
-			name: "rename fails",
-			breakIt: func(t *testing.T, dir, path string) {
-				os.Remove(path)
-				os.MkdirAll(filepath.Join(path, "keep"), 0o700)
-			},
-			repair: func(t *testing.T, dir, path string) { os.RemoveAll(path) },
-		},
+		{"temporary file's sync fails", func(t *testing.T, ts *testServer) { watchDisk(ts.users, "sync file") }},
+		{"rename fails", func(t *testing.T, ts *testServer) { watchDisk(ts.users, "rename") }},
+		{"read-only folder", func(t *testing.T, ts *testServer) {
+			if os.Geteuid() == 0 {
+				t.Skip("root writes to read-only folders; the other cases fail the write as root too")
+			}
+			dir := filepath.Dir(ts.path)
+			os.Chmod(dir, 0o500)
+			t.Cleanup(func() { os.Chmod(dir, 0o700) })
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := filepath.Join(t.TempDir(), "data")
-			os.Mkdir(dir, 0o700)
-			ts := newTestServer(t, serverConfig{usersPath: filepath.Join(dir, "users.json")})
+			ts := newTestServer(t, serverConfig{})
 			checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
-			tt.breakIt(t, dir, ts.path)
-			before := snapshot(t, dir)
+			real := ts.users.disk
+			tt.breakIt(t, ts)
+			before := snapshot(t, filepath.Dir(ts.path))
 
 			checkJSON(t, ts.register(t, "bob@example.com", testPassword), 500, map[string]any{"detail": "Internal server error"})
 			if _, found := ts.users.lookup("bob@example.com"); found {
 				t.Error("user in memory after a failed write")
 			}
 			checkJSON(t, ts.login(t, "bob@example.com", testPassword), 401, nil)
-			if after := snapshot(t, dir); after != before {
+			if after := snapshot(t, filepath.Dir(ts.path)); after != before {
 				t.Errorf("folder changed by a failed write:\nbefore: %s\nafter: %s", before, after)
 			}
 
-			tt.repair(t, dir, ts.path)
+			ts.users.disk = real
+			os.Chmod(filepath.Dir(ts.path), 0o700)
 			checkJSON(t, ts.register(t, "cat@example.com", testPassword), 201, map[string]any{"id": 2})
-			restarted, err := openStore(ts.path)
-			if err != nil {
-				t.Fatal(err)
-			}
+			restarted := newTestServer(t, serverConfig{usersPath: ts.path})
 			for email, want := range map[string]bool{testEmail: true, "bob@example.com": false, "cat@example.com": true} {
-				if _, found := restarted.lookup(email); found != want {
+				if _, found := restarted.users.lookup(email); found != want {
 					t.Errorf("after restart, %s registered = %v, want %v", email, found, want)
 				}
 			}
@@ -1371,7 +1627,114 @@ func TestRegisterWriteFails(t *testing.T) {
 	}
 }
 
-// 8. Run
+// TestRegisterFolderSyncFails fails the folder's sync after the rename: the
+// new file is in place, so memory holds the user too. The client heard 500,
+// and a second registration of the email says 409.
+func TestRegisterFolderSyncFails(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	watchDisk(ts.users, "sync folder")
+	checkJSON(t, ts.register(t, testEmail, testPassword), 500, map[string]any{"detail": "Internal server error"})
+	checkJSON(t, ts.register(t, testEmail, testPassword), 409, nil)
+	checkJSON(t, ts.login(t, testEmail, testPassword), 200, nil)
+	if f := readStoreFile(t, ts.path); len(f.Users) != 1 || f.Users[0].Email != testEmail {
+		t.Errorf("users file = %+v, want the user", f)
+	}
+	checkJSON(t, ts.register(t, "bob@example.com", testPassword), 500, nil) // the folder's sync still fails
+	checkJSON(t, newTestServer(t, serverConfig{usersPath: ts.path}).register(t, "cat@example.com", testPassword), 201, map[string]any{"id": 3})
+}
+
+// TestStoreDurableSteps: a write syncs the temporary file, renames it over
+// the users file, then syncs the folder, in that order: a crash between any
+// two steps leaves the old file or the new one whole, and once the folder
+// is synced the new one survives a power cut.
+func TestStoreDurableSteps(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	steps := watchDisk(ts.users, "")
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
+	if got, want := strings.Join(*steps, ", "), "sync file, rename, sync folder"; got != want {
+		t.Errorf("steps = %s, want %s", got, want)
+	}
+}
+
+// TestStoreHandEdits changes the users file while the server runs: the next
+// registration answers 500, the log says to restart, and the change stays
+// as it was made. A restart loads it.
+func TestStoreHandEdits(t *testing.T) {
+	tests := []struct {
+		name string
+		edit func(t *testing.T, path string)
+	}{
+		{"a user removed", func(t *testing.T, path string) {
+			f := readStoreFile(t, path)
+			f.Users = f.Users[1:]
+			os.WriteFile(path, encodeStoreFile(f), 0o600)
+		}},
+		{"same size, one letter changed", func(t *testing.T, path string) {
+			data, _ := os.ReadFile(path)
+			os.WriteFile(path, bytes.Replace(data, []byte("bob@"), []byte("rob@"), 1), 0o600)
+		}},
+		{"file removed", func(t *testing.T, path string) { os.Remove(path) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var log syncBuffer
+			ts := newTestServer(t, serverConfig{logger: slog.New(slog.NewTextHandler(&log, nil))})
+			ts.register(t, testEmail, testPassword)
+			ts.register(t, "bob@example.com", testPassword)
+			tt.edit(t, ts.path)
+			edited := snapshot(t, filepath.Dir(ts.path))
+
+			checkJSON(t, ts.register(t, "cat@example.com", testPassword), 500, map[string]any{"detail": "Internal server error"})
+			if after := snapshot(t, filepath.Dir(ts.path)); after != edited {
+				t.Errorf("the edit was overwritten:\nedited: %s\nafter: %s", edited, after)
+			}
+			if !strings.Contains(log.String(), "changed on disk") || !strings.Contains(log.String(), "restart") {
+				t.Errorf("log does not say that the file changed and to restart:\n%s", log.String())
+			}
+			if _, found := ts.users.lookup("cat@example.com"); found {
+				t.Error("user in memory after a refused write")
+			}
+			checkJSON(t, newTestServer(t, serverConfig{usersPath: ts.path}).register(t, "cat@example.com", testPassword), 201, nil)
+		})
+	}
+	t.Run("file made where there was none", func(t *testing.T) {
+		ts := newTestServer(t, serverConfig{})
+		os.WriteFile(ts.path, []byte(`{"users": []}`), 0o600)
+		checkJSON(t, ts.register(t, testEmail, testPassword), 500, nil)
+		if got, _ := os.ReadFile(ts.path); string(got) != `{"users": []}` {
+			t.Errorf("file = %s, want it as made by hand", got)
+		}
+	})
+}
+
+// TestStoreFileModeWarning: a users file that others may read is loaded,
+// with a warning that names it and its mode; a 0600 file, without.
+func TestStoreFileModeWarning(t *testing.T) {
+	for _, mode := range []os.FileMode{0o644, 0o640, 0o600} {
+		path := filepath.Join(t.TempDir(), "users.json")
+		os.WriteFile(path, []byte(`{"users": []}`), 0o600)
+		os.Chmod(path, mode)
+		var log bytes.Buffer
+		if _, err := openStore(path, slog.New(slog.NewTextHandler(&log, nil))); err != nil {
+			t.Fatalf("openStore (mode %v) = %v", mode, err)
+		}
+		warned := strings.Contains(log.String(), "level=WARN") && strings.Contains(log.String(), path) && strings.Contains(log.String(), mode.String())
+		if want := mode != 0o600; warned != want {
+			t.Errorf("mode %v: warned = %v, want %v; log:\n%s", mode, warned, want, log.String())
+		}
+	}
+}
+
+// TestStoreWritesEmailsAsTheyAre: no HTML escaping in the file.
+func TestStoreWritesEmailsAsTheyAre(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	checkJSON(t, ts.register(t, "a&b@example.com", testPassword), 201, nil)
+	if data, _ := os.ReadFile(ts.path); !bytes.Contains(data, []byte(`"a&b@example.com"`)) {
+		t.Errorf("users file does not hold the email as it is:\n%s", data)
+	}
+}
+
+// 9. Run
 
 // syncBuffer is a bytes.Buffer that run's logger and the test may share.
 type syncBuffer struct {
@@ -1553,6 +1916,7 @@ func TestRunHelp(t *testing.T) {
 		`-users string`, `(default "users.json")`,
 		`-max-failures-per-account int`, `(default 5)`,
 		`-max-failures-per-address int`, `(default 100)`,
+		`-max-connections-per-address int`, `(default 64)`,
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("-h output lacks %q:\n%s", want, out.String())
@@ -1601,6 +1965,7 @@ func TestRunRefusesToStart(t *testing.T) {
 		{"unknown flag", []string{"-port", "80"}, nil, []string{"port"}},
 		{"users folder missing", []string{"-users", filepath.Join(dir, "nowhere", "users.json")}, map[string]string{"JWT_SECRET": testSecret}, []string{filepath.Join(dir, "nowhere", "users.json"), "folder"}},
 		{"negative limit", []string{"-max-failures-per-account", "-1"}, map[string]string{"JWT_SECRET": testSecret}, []string{"max-failures-per-account"}},
+		{"negative connection limit", []string{"-max-connections-per-address", "-1"}, map[string]string{"JWT_SECRET": testSecret}, []string{"max-connections-per-address"}},
 		{"address in use", []string{"-addr", busy.Addr().String(), "-users", filepath.Join(dir, "b.json")}, map[string]string{"JWT_SECRET": testSecret}, []string{"listen"}},
 	}
 	for _, tt := range tests {
@@ -1643,7 +2008,7 @@ func TestReadmeCommands(t *testing.T) {
 	}
 }
 
-// 9. Fuzz
+// 10. Fuzz
 
 // checkAccepted checks, by other means than verifyAccessToken's, that an
 // accepted token obeys every rule a token must.
@@ -1712,7 +2077,7 @@ func checkClientError(t *testing.T, w *httptest.ResponseRecorder, contentType st
 // the fuzzer reaches bcrypt and the store rather than a 429.
 func fuzzServer(f *testing.F) *testServer {
 	ts := newTestServer(f, serverConfig{maxPerAccount: noLimit, maxPerAddress: noLimit})
-	if _, err := ts.accts.register(testEmail, testPassword); err != nil {
+	if _, err := ts.accts.register(context.Background(), testEmail, testPassword); err != nil {
 		f.Fatal(err)
 	}
 	return ts
@@ -1806,7 +2171,7 @@ func FuzzLogin(f *testing.F) {
 	})
 }
 
-// 10. Benchmarks
+// 11. Benchmarks
 //
 // Each shows a property a user relies on. Run them all with
 //
@@ -1905,7 +2270,7 @@ func BenchmarkLogin(b *testing.B) {
 func BenchmarkRegisterWrite(b *testing.B) {
 	for _, n := range []int{1_000, 10_000, 100_000} {
 		b.Run(fmt.Sprintf("users=%d", n), func(b *testing.B) {
-			users, err := openStore(writeUsersFile(b, n))
+			users, err := openStore(writeUsersFile(b, n), discardLog)
 			if err != nil {
 				b.Fatal(err)
 			}

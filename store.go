@@ -4,20 +4,24 @@
 // of HTTP or tokens, and of passwords only that a stored hash must be a
 // bcrypt hash.
 //
-// Two promises shape it. A change reaches the disk before the caller is told
-// it happened, and it is written so that a crash at any instant leaves either
-// the old file or the new one whole. And a reader never waits for the disk:
-// the new file is written before the change is swapped into memory, under a
-// lock that readers do not take.
+// Three promises shape it. A change reaches the disk before the caller is
+// told it happened, and it is written so that a crash at any instant leaves
+// either the old file or the new one whole. Memory never disagrees with the
+// file, and the file belongs to the server: a change made to it by hand
+// while the server runs is never overwritten. And a reader never waits for
+// the disk: the new file is written before the change is swapped into
+// memory, under a lock that readers do not take.
 
 package main
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -53,13 +57,15 @@ type storeFile struct {
 // store is the set of registered users. Create one with openStore.
 type store struct {
 	path string
+	disk diskSteps
 
 	// writeMu is held by a change from start to end, disk write included, so
 	// changes happen one at a time. Readers never take it. It also guards
-	// users and nextID, which only changes use.
+	// the fields up to mu, which only changes use.
 	writeMu sync.Mutex
 	users   []User // every user, in the file's order
 	nextID  int64
+	fileSum string // the SHA-256 of the file as last read or written; "" for no file
 
 	// mu guards byEmail. Readers hold it for a map lookup; a change holds it
 	// only to add a user whose file is already on disk.
@@ -67,12 +73,26 @@ type store struct {
 	byEmail map[string]User // key: the user's normalised email
 }
 
+// diskSteps are the two steps of a write that make it durable and visible.
+// They are fields, set by openStore to the real ones, so that a test can
+// watch their order or make one fail.
+type diskSteps struct {
+	sync   func(*os.File) error // flush a file, or a folder, to the disk
+	rename func(oldpath, newpath string) error
+}
+
 // openStore loads the users file at path. A missing file is an empty store;
 // it is created on the first change, so its folder must exist. A file that
 // cannot be read or is not a valid users file is an error naming it, and
-// the file is left as it is.
-func openStore(path string) (*store, error) {
-	s := &store{path: path, byEmail: make(map[string]User), nextID: 1}
+// the file is left as it is. A file others may read is loaded with a
+// warning.
+func openStore(path string, logger *slog.Logger) (*store, error) {
+	s := &store{
+		path:    path,
+		disk:    diskSteps{sync: (*os.File).Sync, rename: os.Rename},
+		byEmail: make(map[string]User),
+		nextID:  1,
+	}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		// Said now rather than at the first registration's 500.
@@ -88,10 +108,14 @@ func openStore(path string) (*store, error) {
 	if err := decodeStoreFile(data, &f); err != nil {
 		return nil, fmt.Errorf("users file %s is not a valid users file (it was left untouched): %w", path, err)
 	}
+	if info, err := os.Stat(path); err == nil && info.Mode().Perm()&0o077 != 0 {
+		logger.Warn("users file can be read by other users of this machine; chmod 600 it",
+			"file", path, "mode", info.Mode().Perm())
+	}
 	for _, u := range f.Users {
 		s.byEmail[u.Email] = u
 	}
-	s.users, s.nextID = f.Users, f.NextID
+	s.users, s.nextID, s.fileSum = f.Users, f.NextID, sumOf(data)
 	return s, nil
 }
 
@@ -149,9 +173,24 @@ func (s *store) lookup(email string) (User, bool) {
 	return u, ok
 }
 
+// costliestHash returns the highest bcrypt cost among the stored hashes, or
+// 0 if there are none.
+func (s *store) costliestHash() int {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	highest := 0
+	for _, u := range s.users {
+		cost, _ := bcrypt.Cost([]byte(u.PasswordHash)) // checked when loaded
+		highest = max(highest, cost)
+	}
+	return highest
+}
+
 // add registers a user with a normalised email and a password hash, writes
-// the users file, and only then makes the user visible. If the file cannot
-// be written, nothing changes and the error says why.
+// the users file, and only then makes the user visible. If the new file is
+// not in place, nothing changes and the error says why. If it is, but a
+// later step failed, the user is kept, as the file does, and the error
+// still says why.
 //
 // Every registration encodes and rewrites the whole file: simple, and cheap
 // while users are few, but its cost grows with them; the README's
@@ -165,17 +204,49 @@ func (s *store) add(email, passwordHash string) (User, error) {
 	if _, taken := s.byEmail[email]; taken {
 		return User{}, errEmailTaken
 	}
+	if err := s.checkUnchanged(); err != nil {
+		return User{}, err
+	}
 	u := User{ID: s.nextID, Email: email, PasswordHash: passwordHash}
 	users := append(s.users, u) // s.users keeps its length until the file is written
-	if err := writeFileAtomic(s.path, encodeStoreFile(storeFile{NextID: u.ID + 1, Users: users})); err != nil {
+	data := encodeStoreFile(storeFile{NextID: u.ID + 1, Users: users})
+	renamed, err := writeFileAtomic(s.path, data, s.disk)
+	if !renamed {
 		return User{}, fmt.Errorf("save users to %s: %w", s.path, err)
 	}
 
-	s.users, s.nextID = users, u.ID+1
+	s.users, s.nextID, s.fileSum = users, u.ID+1, sumOf(data)
 	s.mu.Lock()
 	s.byEmail[email] = u
 	s.mu.Unlock()
+	if err != nil {
+		return u, fmt.Errorf("save users to %s: %w", s.path, err)
+	}
 	return u, nil
+}
+
+// checkUnchanged returns an error if the users file is not as the server
+// last read or wrote it: someone changed it by hand, and writing now would
+// undo their change without a word.
+func (s *store) checkUnchanged() error {
+	data, err := os.ReadFile(s.path)
+	sum := ""
+	switch {
+	case err == nil:
+		sum = sumOf(data)
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("read users file %s: %w", s.path, err)
+	}
+	if sum != s.fileSum {
+		return fmt.Errorf("users file %s changed on disk while the server ran, so it was not overwritten: restart the server to load it", s.path)
+	}
+	return nil
+}
+
+// sumOf returns the SHA-256 of a users file's content.
+func sumOf(data []byte) string {
+	sum := sha256.Sum256(data)
+	return string(sum[:])
 }
 
 // encodeStoreFile returns the users file's content: JSON with one user per
@@ -184,6 +255,7 @@ func encodeStoreFile(f storeFile) []byte {
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
 	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // emails as they are: "a&b@x.io", not "a\u0026b@x.io"
 	for i, u := range f.Users {
 		if i > 0 {
 			buf.WriteByte(',')
@@ -196,11 +268,13 @@ func encodeStoreFile(f storeFile) []byte {
 	return buf.Bytes()
 }
 
-// writeFileAtomic replaces the file at path with data, so that a
-// crash at any instant leaves either the old file or the new one whole: it
-// writes a temporary file in the same folder, flushes it to disk, renames
-// it over path, and flushes the folder so that the rename itself is durable.
-func writeFileAtomic(path string, data []byte) error {
+// writeFileAtomic replaces the file at path with data, so that a crash at
+// any instant leaves either the old file or the new one whole: it writes a
+// temporary file in the same folder, flushes it to disk, renames it over
+// path, and flushes the folder so that the rename itself is durable. It
+// reports whether the rename happened: from then on the new file is the
+// one that readers, and the next start, see.
+func writeFileAtomic(path string, data []byte, disk diskSteps) (renamed bool, err error) {
 	dir, name := filepath.Split(path)
 	if dir == "" {
 		dir = "."
@@ -208,9 +282,8 @@ func writeFileAtomic(path string, data []byte) error {
 	// CreateTemp makes the file 0600: only its owner may read the hashes.
 	tmp, err := os.CreateTemp(dir, "."+strings.TrimPrefix(name, ".")+".tmp-*")
 	if err != nil {
-		return fmt.Errorf("create temporary file: %w", err)
+		return false, fmt.Errorf("create temporary file: %w", err)
 	}
-	renamed := false
 	defer func() {
 		if !renamed {
 			tmp.Close()
@@ -218,25 +291,24 @@ func writeFileAtomic(path string, data []byte) error {
 		}
 	}()
 	if _, err := tmp.Write(data); err != nil {
-		return fmt.Errorf("write temporary file: %w", err)
+		return false, fmt.Errorf("write temporary file: %w", err)
 	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("sync temporary file: %w", err)
+	if err := disk.sync(tmp); err != nil {
+		return false, fmt.Errorf("sync temporary file: %w", err)
 	}
 	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close temporary file: %w", err)
+		return false, fmt.Errorf("close temporary file: %w", err)
 	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename temporary file: %w", err)
+	if err := disk.rename(tmp.Name(), path); err != nil {
+		return false, fmt.Errorf("rename temporary file: %w", err)
 	}
-	renamed = true
 	d, err := os.Open(dir)
 	if err != nil {
-		return fmt.Errorf("open folder to sync it: %w", err)
+		return true, fmt.Errorf("open folder to sync it: %w", err)
 	}
 	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync folder: %w", err)
+	if err := disk.sync(d); err != nil {
+		return true, fmt.Errorf("sync folder: %w", err)
 	}
-	return nil
+	return true, nil
 }
