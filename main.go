@@ -13,6 +13,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -38,6 +39,30 @@ import (
 
 // maxBodyBytes caps every request body.
 const maxBodyBytes = 64 << 10
+
+// openAPIJSON is the API's description, the repository's openapi.json,
+// served as it is at /openapi.json. (A string, so that nothing can change it.)
+//
+//go:embed openapi.json
+var openAPIJSON string
+
+// docsPage is Swagger UI for /openapi.json, as FastAPI's /docs: the page
+// loads Swagger UI 5 from a public CDN, so drawing it needs a network; the
+// API does not.
+const docsPage = `<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>loginserver API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body>
+</html>
+`
 
 func main() {
 	if err := run(context.Background(), os.Args[1:], os.LookupEnv, os.Stderr); err != nil {
@@ -139,7 +164,8 @@ func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]b
 }
 
 // newServer returns the server's handler: every route, behind the request
-// log and the headers that go on every response.
+// log, the headers that go on every response, and the mux's own answers
+// (404, 405) put in JSON.
 func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
 	// A page on another site must not make its visitors' browsers register
 	// or log in: five failed logins would lock them out. Clients that are not
@@ -154,7 +180,9 @@ func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() t
 	mux.Handle("POST /login", sameOrigin.Handler(handleLogin(logger, accts, secret, now)))
 	mux.Handle("GET /users/me", handleUsersMe(accts.users, secret, now))
 	mux.Handle("GET /healthz", handleHealthz())
-	return logRequests(logger, commonHeaders(mux))
+	mux.Handle("GET /openapi.json", handleFile("application/json", openAPIJSON))
+	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPage))
+	return logRequests(logger, commonHeaders(routingErrorsInJSON(mux)))
 }
 
 // handleRegister creates a user from {"email", "password"}.
@@ -253,6 +281,36 @@ func handleHealthz() http.Handler {
 	})
 }
 
+// handleFile serves content, fixed at build time, as the given type.
+func handleFile(contentType, content string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		io.WriteString(w, content)
+	})
+}
+
+// routingErrorsInJSON answers in JSON, as FastAPI does, what the mux
+// answers itself: 404 for an unknown path, and 405 for a known path with
+// another method, its Allow header kept.
+func routingErrorsInJSON(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern == "" { // no route: the mux answers
+			w = &routingErrorWriter{w}
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// routingErrorWriter turns the mux's plain-text error into {"detail": ...},
+// with the same status and headers.
+type routingErrorWriter struct{ http.ResponseWriter }
+
+func (w *routingErrorWriter) WriteHeader(status int) {
+	writeError(w.ResponseWriter, status, http.StatusText(status))
+}
+
+func (w *routingErrorWriter) Write(p []byte) (int, error) { return len(p), nil } // the plain text
+
 // clientAddr returns the host of a connection's remote address. Proxy
 // headers such as X-Forwarded-For are not trusted: any client can set them.
 func clientAddr(remoteAddr string) string {
@@ -321,6 +379,12 @@ func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
 	body, ok := readBody(w, r)
 	if !ok {
+		return "", "", false
+	}
+	// What curl -d '{...}' sends without a Content-Type header: say so,
+	// rather than that username is missing.
+	if bytes.HasPrefix(bytes.TrimSpace(body), []byte("{")) {
+		writeError(w, http.StatusUnsupportedMediaType, "body looks like JSON: send it with Content-Type: application/json")
 		return "", "", false
 	}
 	// The body alone, never the URL's query: a password must not be in a URL.

@@ -8,7 +8,7 @@
 //  3. Login: POST /login, passwords, the dummy hash, other sites
 //  4. Throttling: failed logins counted and refused
 //  5. Busy CPUs and many connections: bcrypt's admission, the per-address cap
-//  6. Users/me: GET /users/me, GET /healthz, headers on every response
+//  6. Users/me and the other routes: /healthz, /openapi.json, /docs, 404, 405
 //  7. Tokens: createAccessToken and verifyAccessToken
 //  8. Store: the users file
 //  9. Run: the program, its flags, its log and its lifecycle
@@ -27,6 +27,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	gotoken "go/token"
 	"io"
 	"log/slog"
 	"maps"
@@ -38,6 +41,8 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -98,11 +103,12 @@ type serverConfig struct {
 
 // testServer is a server over a users file, with a clock the test moves.
 type testServer struct {
-	handler http.Handler
-	accts   *accounts
-	users   *store
-	clock   *fakeClock
-	path    string // the users file
+	handler    http.Handler
+	accts      *accounts
+	users      *store
+	clock      *fakeClock
+	path       string          // the users file
+	documented map[string]bool // "POST /login 401": what openapi.json documents
 }
 
 func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
@@ -142,12 +148,56 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 		tb.Fatalf("newAccounts: %v", err)
 	}
 	return &testServer{
-		handler: newServer(cfg.logger, accts, []byte(testSecret), clock.now),
-		accts:   accts,
-		users:   users,
-		clock:   clock,
-		path:    cfg.usersPath,
+		handler:    newServer(cfg.logger, accts, []byte(testSecret), clock.now),
+		accts:      accts,
+		users:      users,
+		clock:      clock,
+		path:       cfg.usersPath,
+		documented: documentedStatuses(tb),
 	}
+}
+
+// openAPIDoc is the part of openapi.json that tests read.
+type openAPIDoc struct {
+	OpenAPI string
+	Paths   map[string]map[string]struct {
+		Security  []map[string][]string
+		Responses map[string]any
+	}
+	Components struct {
+		SecuritySchemes map[string]struct {
+			Type  string
+			Flows map[string]struct{ TokenURL string }
+		}
+	}
+}
+
+// readOpenAPI decodes the repository's openapi.json.
+func readOpenAPI(tb testing.TB) openAPIDoc {
+	tb.Helper()
+	data, err := os.ReadFile("openapi.json")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var doc openAPIDoc
+	if err := json.Unmarshal(data, &doc); err != nil {
+		tb.Fatalf("openapi.json is not JSON: %v", err)
+	}
+	return doc
+}
+
+// documentedStatuses returns each route and status openapi.json documents,
+// as "POST /login 401".
+func documentedStatuses(tb testing.TB) map[string]bool {
+	documented := map[string]bool{}
+	for path, methods := range readOpenAPI(tb).Paths {
+		for method, op := range methods {
+			for status := range op.Responses {
+				documented[strings.ToUpper(method)+" "+path+" "+status] = true
+			}
+		}
+	}
+	return documented
 }
 
 // request describes a request to a test server. Only method and path are
@@ -188,6 +238,11 @@ func (ts *testServer) do(tb testing.TB, req request) *httptest.ResponseRecorder 
 	}
 	w := httptest.NewRecorder()
 	ts.handler.ServeHTTP(w, r)
+	// The mux has set the route's pattern, "POST /login", if a route matched:
+	// every status a route answers in a test must be in openapi.json.
+	if r.Pattern != "" && !ts.documented[fmt.Sprint(r.Pattern, " ", w.Code)] {
+		tb.Errorf("%s answered %d, which openapi.json does not document", r.Pattern, w.Code)
+	}
 	return w
 }
 
@@ -466,6 +521,7 @@ func TestLogin(t *testing.T) {
 		{"form, username missing", form, "password=x", "", 422, ""},
 		{"form, password missing", form, "username=ann%40example.com", "", 422, ""},
 		{"form, malformed", form, "username=%zz&password=x", "", 422, ""},
+		{"form holding JSON, as curl -d sends it", form, credentialsJSON(testEmail, testPassword), "", 415, "body looks like JSON: send it with Content-Type: application/json"},
 		{"other content type", "text/plain", credentialsJSON(testEmail, testPassword), "", 415, ""},
 		{"no content type", "", credentialsJSON(testEmail, testPassword), "", 415, ""},
 		{"multipart", "multipart/form-data; boundary=x", "--x--", "", 415, ""},
@@ -1038,7 +1094,7 @@ func TestConnectionsPerAddress(t *testing.T) {
 	}
 }
 
-// 6. Users/me
+// 6. Users/me and the other routes
 
 func TestUsersMe(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
@@ -1126,7 +1182,7 @@ func TestHealthz(t *testing.T) {
 }
 
 // TestEveryResponseHeaders checks nosniff on every response, the mux's own
-// 404 and 405 included, and that only those two are not JSON.
+// 404 and 405 included, and that every one is JSON but the /docs page.
 func TestEveryResponseHeaders(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
 	token := ts.token(t)
@@ -1143,6 +1199,8 @@ func TestEveryResponseHeaders(t *testing.T) {
 		{request{method: "GET", path: "/nowhere"}, 404},
 		{request{method: "GET", path: "/login"}, 405},
 		{request{method: "DELETE", path: "/users/me"}, 405},
+		{request{method: "GET", path: "/openapi.json"}, 200},
+		{request{method: "GET", path: "/docs"}, 200},
 	}
 	for _, tt := range tests {
 		w := ts.do(t, tt.req)
@@ -1152,12 +1210,114 @@ func TestEveryResponseHeaders(t *testing.T) {
 		if got := w.Header().Get("X-Content-Type-Options"); got != "nosniff" {
 			t.Errorf("%s %s: X-Content-Type-Options = %q, want nosniff", tt.req.method, tt.req.path, got)
 		}
-		if json := w.Header().Get("Content-Type") == "application/json"; json != (tt.status != 404 && tt.status != 405) {
+		if json := w.Header().Get("Content-Type") == "application/json"; json != (tt.req.path != "/docs") {
 			t.Errorf("%s %s: Content-Type = %q", tt.req.method, tt.req.path, w.Header().Get("Content-Type"))
 		}
 	}
 	if w := ts.me(t, token); w.Header().Get("Cache-Control") != "no-store" {
 		t.Errorf("/users/me: Cache-Control = %q, want no-store", w.Header().Get("Cache-Control"))
+	}
+}
+
+// TestRoutingErrors: the mux's own answers are JSON, as FastAPI's: 404
+// for an unknown path, 405 with Allow for a known path and another method.
+func TestRoutingErrors(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	tests := []struct {
+		req    request
+		status int
+		detail string
+		allow  string // the Allow header of a 405
+	}{
+		{request{method: "GET", path: "/nowhere"}, 404, "Not Found", ""},
+		{request{method: "GET", path: "/users/me/"}, 404, "Not Found", ""},
+		{request{method: "GET", path: "/login"}, 405, "Method Not Allowed", "POST"},
+		{request{method: "PUT", path: "/register"}, 405, "Method Not Allowed", "POST"},
+		{request{method: "DELETE", path: "/users/me"}, 405, "Method Not Allowed", "GET, HEAD"},
+	}
+	for _, tt := range tests {
+		w := ts.do(t, tt.req)
+		checkJSON(t, w, tt.status, map[string]any{"detail": tt.detail})
+		if got := w.Header().Get("Allow"); got != tt.allow {
+			t.Errorf("%s %s: Allow = %q, want %q", tt.req.method, tt.req.path, got, tt.allow)
+		}
+	}
+}
+
+// routeTable returns the patterns newServer hands the mux, read from
+// main.go's source: a route added there without a line in openapi.json
+// then fails TestOpenAPIDocument.
+func routeTable(t *testing.T) []string {
+	t.Helper()
+	file, err := parser.ParseFile(gotoken.NewFileSet(), "main.go", nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var patterns []string
+	ast.Inspect(file, func(n ast.Node) bool {
+		call, ok := n.(*ast.CallExpr)
+		if !ok || len(call.Args) != 2 {
+			return true
+		}
+		if fun, ok := call.Fun.(*ast.SelectorExpr); !ok || fun.Sel.Name != "Handle" || fmt.Sprint(fun.X) != "mux" {
+			return true
+		}
+		if lit, ok := call.Args[0].(*ast.BasicLit); ok && lit.Kind == gotoken.STRING {
+			pattern, _ := strconv.Unquote(lit.Value)
+			patterns = append(patterns, pattern)
+		}
+		return true
+	})
+	return patterns
+}
+
+// TestOpenAPIDocument: openapi.json is OpenAPI 3.1, documents exactly the
+// routes the server serves, and declares the oauth2 password flow through
+// /login that /users/me uses.
+func TestOpenAPIDocument(t *testing.T) {
+	doc := readOpenAPI(t)
+	if !strings.HasPrefix(doc.OpenAPI, "3.1.") {
+		t.Errorf("openapi = %q, want 3.1.x", doc.OpenAPI)
+	}
+	var documented []string
+	for path, methods := range doc.Paths {
+		for method := range methods {
+			documented = append(documented, strings.ToUpper(method)+" "+path)
+		}
+	}
+	served := routeTable(t)
+	slices.Sort(documented)
+	slices.Sort(served)
+	if len(served) < 6 || !slices.Equal(documented, served) {
+		t.Errorf("openapi.json documents %q; the server serves %q", documented, served)
+	}
+	scheme := doc.Components.SecuritySchemes["OAuth2PasswordBearer"]
+	if scheme.Type != "oauth2" || scheme.Flows["password"].TokenURL != "/login" {
+		t.Errorf("security scheme = %+v, want oauth2 with a password flow through /login", scheme)
+	}
+	if security := doc.Paths["/users/me"]["get"].Security; len(security) != 1 || security[0]["OAuth2PasswordBearer"] == nil {
+		t.Errorf("/users/me security = %v, want OAuth2PasswordBearer", security)
+	}
+}
+
+// TestOpenAPIServed: /openapi.json serves the repository's file, byte for
+// byte, as JSON; /docs serves a page that draws it with Swagger UI.
+func TestOpenAPIServed(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	want, _ := os.ReadFile("openapi.json")
+	w := ts.do(t, request{method: "GET", path: "/openapi.json"})
+	if w.Code != 200 || w.Header().Get("Content-Type") != "application/json" || !bytes.Equal(w.Body.Bytes(), want) {
+		t.Errorf("/openapi.json = %d %q, %d bytes; want 200, application/json, the file's %d bytes",
+			w.Code, w.Header().Get("Content-Type"), w.Body.Len(), len(want))
+	}
+	w = ts.do(t, request{method: "GET", path: "/docs"})
+	if w.Code != 200 || !strings.HasPrefix(w.Header().Get("Content-Type"), "text/html") {
+		t.Errorf("/docs = %d %q, want 200 and HTML", w.Code, w.Header().Get("Content-Type"))
+	}
+	for _, want := range []string{"swagger-ui-dist@5/swagger-ui-bundle.js", "swagger-ui-dist@5/swagger-ui.css", `SwaggerUIBundle({url: "/openapi.json"`} {
+		if !strings.Contains(w.Body.String(), want) {
+			t.Errorf("/docs lacks %q:\n%s", want, w.Body)
+		}
 	}
 }
 
