@@ -111,22 +111,37 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		return err
 	}
 
-	srv := &http.Server{
-		Handler:           newServer(logger, accts, secret, time.Now),
-		ReadHeaderTimeout: 5 * time.Second,
+	srv := newHTTPServer(newServer(logger, accts, secret, time.Now), logger)
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
+	return serve(ctx, srv, limitConnections(ln, *maxConns), logger)
+}
+
+// newHTTPServer returns the HTTP server for handler, with the limits that
+// keep a slow or greedy client from holding a connection for long.
+func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 5 * time.Second, // a client that trickles its headers (Slowloris)
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
 		IdleTimeout:       60 * time.Second,
 		MaxHeaderBytes:    16 << 10, // room for a token (8 KiB at most) and ordinary headers
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
-	ln, err := net.Listen("tcp", *addr)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	ln = limitConnections(ln, *maxConns)
-	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
+}
 
+// shutdownGrace is how long requests in flight may take to finish once the
+// server is told to stop.
+const shutdownGrace = 5 * time.Second
+
+// serve serves srv on ln until ctx ends; then it stops accepting
+// connections and lets the requests in flight finish, for up to
+// shutdownGrace, before it closes what is left.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	select {
@@ -136,7 +151,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	}
 
 	logger.Info("shutting down: finishing requests in flight")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		logger.Warn("requests still in flight were cut off", "err", err)

@@ -784,6 +784,28 @@ func TestThrottleSuccessClearsCount(t *testing.T) {
 	checkThrottled(t, ts.login(t, testEmail, testPassword), "900")
 }
 
+// TestThrottleOwnAccount reads the throttle as an attacker with an account
+// of their own, who logs into it between guesses: that must neither reset
+// the count of the account under attack, nor the count of their address.
+func TestThrottleOwnAccount(t *testing.T) {
+	ts := newTestServer(t, serverConfig{maxPerAccount: 3, maxPerAddress: 10})
+	ts.register(t, "mallory@example.com", testPassword)
+	ownLogin := func() { checkJSON(t, ts.login(t, "mallory@example.com", testPassword), 200, nil) }
+	for range 3 {
+		checkJSON(t, ts.login(t, testEmail, "guess"), 401, nil)
+		ownLogin()
+	}
+	checkThrottled(t, ts.login(t, testEmail, "guess"), "900")
+
+	for i := range 6 { // 9 failures so far, spread so that no account reaches 3
+		checkJSON(t, ts.login(t, fmt.Sprintf("victim%d@example.com", i), "guess"), 401, nil)
+		ownLogin()
+	}
+	checkJSON(t, ts.login(t, "victim6@example.com", "guess"), 401, nil) // the 10th
+	checkThrottled(t, ts.login(t, "victim9@example.com", "guess"), "900")
+	checkThrottled(t, ts.login(t, "mallory@example.com", testPassword), "900")
+}
+
 // TestThrottlePerAddress: 100 failures from one address, spread over many
 // emails, throttle every email from that address, and no other address.
 func TestThrottlePerAddress(t *testing.T) {
@@ -1027,6 +1049,25 @@ func TestThrottleBeforeAdmission(t *testing.T) {
 	checkThrottled(t, ts.login(t, testEmail, "guess"), "900")
 }
 
+// openHealthz opens a connection from the loopback address from to addr,
+// and asks for /healthz on it, leaving it open.
+func openHealthz(from, addr string) (net.Conn, error) {
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: time.Second}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprint(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	res.Body.Close()
+	return conn, nil
+}
+
 // TestConnectionsPerAddress serves on a real listener with a cap of 3: a
 // fourth connection from one address is closed at once, while another
 // address is served, and a closed connection gives its place back.
@@ -1042,25 +1083,7 @@ func TestConnectionsPerAddress(t *testing.T) {
 	srv := &http.Server{Handler: ts.handler}
 	go srv.Serve(limitConnections(ln, 3))
 	defer srv.Close()
-
-	// healthz opens a connection from the loopback address from, and asks
-	// for /healthz on it, leaving it open.
-	healthz := func(from string) (net.Conn, error) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: time.Second}
-		conn, err := d.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			return nil, err
-		}
-		conn.SetDeadline(time.Now().Add(2 * time.Second))
-		fmt.Fprint(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-		res, err := http.ReadResponse(bufio.NewReader(conn), nil)
-		if err != nil {
-			conn.Close()
-			return nil, err
-		}
-		res.Body.Close()
-		return conn, nil
-	}
+	healthz := func(from string) (net.Conn, error) { return openHealthz(from, ln.Addr().String()) }
 	var held []net.Conn
 	for i := range 3 {
 		conn, err := healthz("127.0.0.1")
@@ -1384,7 +1407,7 @@ const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 // padTo returns a valid token of exactly n bytes, padded by an extra claim.
 func padTo(t *testing.T, n int, key []byte) string {
 	t.Helper()
-	for pad := 0; pad < n; pad++ {
+	for pad := max(0, n*3/4-200); pad < n; pad++ { // a segment is 4/3 of its bytes
 		claims := fmt.Sprintf(`{"sub":"a","exp":%d,"pad":"%s"}`, testStart+1800, strings.Repeat("x", pad))
 		if token := forge(jwtHeader, claims, key); len(token) >= n {
 			if len(token) != n {
@@ -1487,6 +1510,71 @@ func TestVerifyAccessToken(t *testing.T) {
 				t.Errorf("verifyAccessToken = %q, %v; want errInvalidToken", sub, err)
 			}
 		})
+	}
+}
+
+// TestTokenTimesFractional: exp and nbf may have fractions of a second, and
+// are compared with the clock to the nanosecond, not to the second.
+func TestTokenTimesFractional(t *testing.T) {
+	key := []byte(testSecret)
+	now := time.Unix(testStart, 600_000_000) // 0.6 s past testStart
+	tests := []struct {
+		claims string
+		ok     bool
+	}{
+		{`{"sub":"a","exp":1800000000.5}`, false}, // expired 0.1 s ago
+		{`{"sub":"a","exp":1800000000.7}`, true},
+		{`{"sub":"a","exp":1800000900,"nbf":1800000000.7}`, false}, // valid in 0.1 s
+		{`{"sub":"a","exp":1800000900,"nbf":1800000000.5}`, true},
+	}
+	for _, tt := range tests {
+		if _, err := verifyAccessToken(forge(jwtHeader, tt.claims, key), key, now); (err == nil) != tt.ok {
+			t.Errorf("claims %s at %s: err = %v, want accepted = %v", tt.claims, now.Format("15:04:05.000"), err, tt.ok)
+		}
+	}
+}
+
+// parseSource parses one of the program's files.
+func parseSource(t *testing.T, name string) *ast.File {
+	t.Helper()
+	file, err := parser.ParseFile(gotoken.NewFileSet(), name, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
+
+// TestSignatureComparedInConstantTime reads jwt.go's source. A comparison
+// that stops at the first differing byte tells a forger, by its time, how
+// much of a signature is right; hmac.Equal takes the same time whatever the
+// bytes. No answer shows the difference reliably, so the test reads the
+// code: verifyAccessToken must call hmac.Equal, and the program must
+// compare bytes no other way.
+func TestSignatureComparedInConstantTime(t *testing.T) {
+	calls := map[string]bool{}
+	for _, name := range []string{"main.go", "auth.go", "jwt.go", "store.go"} {
+		ast.Inspect(parseSource(t, name), func(n ast.Node) bool {
+			if fn, ok := n.(*ast.FuncDecl); ok && fn.Name.Name == "verifyAccessToken" {
+				ast.Inspect(fn, func(n ast.Node) bool {
+					if call, ok := n.(*ast.CallExpr); ok && fmt.Sprint(call.Fun) == "&{hmac Equal}" {
+						calls["hmac.Equal in verifyAccessToken"] = true
+					}
+					return true
+				})
+			}
+			if sel, ok := n.(*ast.SelectorExpr); ok && fmt.Sprint(sel.X) == "bytes" && (sel.Sel.Name == "Equal" || sel.Sel.Name == "Compare") {
+				calls["bytes."+sel.Sel.Name] = true
+			}
+			return true
+		})
+	}
+	if !calls["hmac.Equal in verifyAccessToken"] {
+		t.Error("verifyAccessToken does not compare the signature with hmac.Equal")
+	}
+	for _, call := range []string{"bytes.Equal", "bytes.Compare"} {
+		if calls[call] {
+			t.Errorf("the program calls %s, which does not take constant time; compare secrets with hmac.Equal", call)
+		}
 	}
 }
 
@@ -1984,7 +2072,98 @@ func TestLogNoSecrets(t *testing.T) {
 	}
 }
 
+// TestLoadSecret: JWT_SECRET as given if it is long enough, an error if it
+// is not, and without it a secret of 32 random bytes, new each time.
+func TestLoadSecret(t *testing.T) {
+	secret, err := loadSecret(envOf(map[string]string{"JWT_SECRET": testSecret}), discardLog)
+	if err != nil || string(secret) != testSecret {
+		t.Errorf("loadSecret(set) = %q, %v; want the variable", secret, err)
+	}
+	if _, err := loadSecret(envOf(map[string]string{"JWT_SECRET": testSecret[:31]}), discardLog); err == nil {
+		t.Error("loadSecret(31 bytes) succeeded, want an error")
+	}
+	first, _ := loadSecret(envOf(nil), discardLog)
+	second, _ := loadSecret(envOf(nil), discardLog)
+	if len(first) != 32 || bytes.Equal(first, make([]byte, 32)) || string(first) == string(second) {
+		t.Errorf("loadSecret(unset) = %x, then %x; want 32 random bytes, new each time", first, second)
+	}
+}
+
+// TestHTTPServerLimits: the limits that keep a slow or greedy client from
+// holding a connection. Waiting them out would take seconds, so the test
+// reads the values the README promises; net/http's own tests cover what
+// each one does.
+func TestHTTPServerLimits(t *testing.T) {
+	srv := newHTTPServer(http.NotFoundHandler(), discardLog)
+	limits := []struct {
+		name      string
+		got, want time.Duration
+	}{
+		{"ReadHeaderTimeout", srv.ReadHeaderTimeout, 5 * time.Second},
+		{"ReadTimeout", srv.ReadTimeout, 10 * time.Second},
+		{"WriteTimeout", srv.WriteTimeout, 10 * time.Second},
+		{"IdleTimeout", srv.IdleTimeout, 60 * time.Second},
+	}
+	for _, l := range limits {
+		if l.got != l.want {
+			t.Errorf("%s = %v, want %v", l.name, l.got, l.want)
+		}
+	}
+	if srv.MaxHeaderBytes != 16<<10 {
+		t.Errorf("MaxHeaderBytes = %d, want 16 KiB", srv.MaxHeaderBytes)
+	}
+}
+
+// TestServeFinishesRequestsInFlight tells serve to stop while a request is
+// in flight: no new connection is taken, the request finishes and is
+// answered, and serve returns nil.
+func TestServeFinishesRequestsInFlight(t *testing.T) {
+	started, finish := make(chan struct{}), make(chan struct{})
+	srv := newHTTPServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(started)
+		<-finish
+		writeJSON(w, http.StatusOK, map[string]string{"status": "finished"})
+	}), discardLog)
+	stopping := make(chan struct{})
+	srv.RegisterOnShutdown(func() { close(stopping) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "http://" + ln.Addr().String() + "/"
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, srv, ln, discardLog) }()
+
+	answered := make(chan error, 1)
+	go func() {
+		res, err := http.Get(url)
+		if err == nil {
+			res.Body.Close()
+			if res.StatusCode != 200 {
+				err = fmt.Errorf("status %d", res.StatusCode)
+			}
+		}
+		answered <- err
+	}()
+	<-started
+	cancel() // as SIGTERM does in run
+	<-stopping
+	time.Sleep(100 * time.Millisecond) // a stop with no grace would have cut the request by now
+	if _, err := http.Get(url); err == nil {
+		t.Error("a new connection was served while stopping")
+	}
+	close(finish)
+	if err := <-answered; err != nil {
+		t.Errorf("the request in flight got %v, want its answer", err)
+	}
+	if err := <-served; err != nil {
+		t.Errorf("serve = %v, want nil", err)
+	}
+}
+
 func TestRunServesAndStops(t *testing.T) {
+	t.Parallel() // run makes its dummy hash at DefaultCost
 	users := filepath.Join(t.TempDir(), "users.json")
 	ctx, cancel := context.WithCancel(context.Background())
 	addr, out, done := startRun(t, ctx, []string{"-users", users}, map[string]string{"JWT_SECRET": testSecret})
@@ -2019,6 +2198,26 @@ func TestRunServesAndStops(t *testing.T) {
 	if strings.Contains(log, "JWT_SECRET") {
 		t.Errorf("log warns about JWT_SECRET although it is set:\n%s", log)
 	}
+}
+
+// TestRunConnectionsFlag: run caps each address's connections at
+// -max-connections-per-address.
+func TestRunConnectionsFlag(t *testing.T) {
+	t.Parallel() // run makes its dummy hash at DefaultCost
+	ctx, cancel := context.WithCancel(context.Background())
+	args := []string{"-users", filepath.Join(t.TempDir(), "users.json"), "-max-connections-per-address", "1"}
+	addr, _, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
+	first, err := openHealthz("127.0.0.1", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second, err := openHealthz("127.0.0.1", addr); err == nil {
+		second.Close()
+		t.Error("a second connection was served with -max-connections-per-address 1")
+	}
+	first.Close()
+	cancel()
+	waitRun(t, done)
 }
 
 // TestRunThrottleFlags logs in against run's server (bcrypt at DefaultCost)
@@ -2085,7 +2284,8 @@ func TestRunHelp(t *testing.T) {
 }
 
 // TestRunStopsOnSIGTERM sends the test process SIGTERM while run holds the
-// signal: run returns nil, so main exits 0.
+// signal: run returns nil, so main exits 0. It must not run in parallel:
+// every run going at the time would stop.
 func TestRunStopsOnSIGTERM(t *testing.T) {
 	_, _, done := startRun(t, context.Background(), []string{"-users", filepath.Join(t.TempDir(), "u.json")}, map[string]string{"JWT_SECRET": testSecret})
 	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
@@ -2095,6 +2295,7 @@ func TestRunStopsOnSIGTERM(t *testing.T) {
 }
 
 func TestRunWithoutSecretWarns(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	_, out, _ := startRun(t, ctx, []string{"-users", filepath.Join(t.TempDir(), "u.json")}, nil)
@@ -2104,6 +2305,7 @@ func TestRunWithoutSecretWarns(t *testing.T) {
 }
 
 func TestRunRefusesToStart(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	corrupt := filepath.Join(dir, "corrupt.json")
 	const corruptContent = `{"next_id": 2, "users": [`
@@ -2341,14 +2543,8 @@ func FuzzLogin(f *testing.F) {
 // care, and hashing 100,000 passwords would take minutes.
 
 // benchHash is a bcrypt hash of testPassword at DefaultCost (10), made once
-// for the benchmarks; TestBenchHash checks it.
+// for the benchmarks; BenchmarkLogin fails if it is not.
 const benchHash = "$2a$10$7edQQjniQSKQWhFQtTMDyef2u300/yVEaL01dS.912AcmQeIm1OVy"
-
-func TestBenchHash(t *testing.T) {
-	if cost, _ := bcrypt.Cost([]byte(benchHash)); cost != bcrypt.DefaultCost || !verifyPassword(testPassword, benchHash) {
-		t.Errorf("benchHash is not testPassword's hash at DefaultCost")
-	}
-}
 
 // writeUsersFile writes a users file of n users, user0@example.com and on,
 // all with benchHash, and returns its path.
