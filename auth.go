@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"net/mail"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -195,8 +196,10 @@ type cpuSlots struct {
 	maxWait time.Duration
 }
 
-func newCPUSlots(cpus int, maxWait time.Duration) *cpuSlots {
-	return &cpuSlots{slots: make(chan struct{}, cpus), maxWait: maxWait}
+// newCPUSlots returns one slot for each CPU the Go scheduler uses
+// (GOMAXPROCS), and a wait of maxBcryptWait.
+func newCPUSlots() *cpuSlots {
+	return &cpuSlots{slots: make(chan struct{}, runtime.GOMAXPROCS(0)), maxWait: maxBcryptWait}
 }
 
 // acquire takes a slot, waiting for at most maxWait; if none comes free in

@@ -26,7 +26,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -105,8 +104,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		return err
 	}
 	limiter := newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now)
-	cpus := newCPUSlots(runtime.GOMAXPROCS(0), maxBcryptWait)
-	accts, err := newAccounts(users, limiter, cpus, bcrypt.DefaultCost)
+	accts, err := newAccounts(users, limiter, newCPUSlots(), bcrypt.DefaultCost)
 	if err != nil {
 		return err
 	}

@@ -96,8 +96,8 @@ type serverConfig struct {
 	cost          int           // bcrypt cost of new hashes; 0 for MinCost
 	maxPerAccount int           // 0 for the default, 5; noLimit for none
 	maxPerAddress int           // 0 for the default, 100; noLimit for none
-	cpus          int           // bcrypt runs at once; 0 for GOMAXPROCS
-	maxCPUWait    time.Duration // 0 for the default, maxBcryptWait
+	cpus          int           // bcrypt runs at once; 0 for newCPUSlots's
+	maxCPUWait    time.Duration // 0 for newCPUSlots's
 	logger        *slog.Logger  // nil for no log
 }
 
@@ -128,11 +128,12 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 	if cfg.cost == 0 {
 		cfg.cost = bcrypt.MinCost
 	}
-	if cfg.cpus == 0 {
-		cfg.cpus = runtime.GOMAXPROCS(0)
+	cpus := newCPUSlots()
+	if cfg.cpus != 0 {
+		cpus.slots = make(chan struct{}, cfg.cpus)
 	}
-	if cfg.maxCPUWait == 0 {
-		cfg.maxCPUWait = maxBcryptWait
+	if cfg.maxCPUWait != 0 {
+		cpus.maxWait = cfg.maxCPUWait
 	}
 	if cfg.logger == nil {
 		cfg.logger = slog.New(slog.DiscardHandler)
@@ -143,7 +144,7 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 	}
 	clock := newFakeClock()
 	limiter := newLoginLimiter(limit(cfg.maxPerAccount, 5), limit(cfg.maxPerAddress, 100), clock.now)
-	accts, err := newAccounts(users, limiter, newCPUSlots(cfg.cpus, cfg.maxCPUWait), cfg.cost)
+	accts, err := newAccounts(users, limiter, cpus, cfg.cost)
 	if err != nil {
 		tb.Fatalf("newAccounts: %v", err)
 	}
@@ -968,11 +969,10 @@ func TestLimiterBounded(t *testing.T) {
 
 // 5. Busy CPUs and many connections
 
-// holdCPUs takes every bcrypt slot of ts, as logins under way would, and
+// holdCPUs takes n bcrypt slots of ts, as n logins under way would, and
 // returns a function that gives them back.
-func holdCPUs(t *testing.T, ts *testServer) (release func()) {
+func holdCPUs(t *testing.T, ts *testServer, n int) (release func()) {
 	t.Helper()
-	n := cap(ts.accts.cpus.slots)
 	for range n {
 		if err := ts.accts.cpus.acquire(context.Background()); err != nil {
 			t.Fatal(err)
@@ -991,7 +991,7 @@ func holdCPUs(t *testing.T, ts *testServer) (release func()) {
 func TestBusyCPUs(t *testing.T) {
 	ts := newTestServer(t, serverConfig{cpus: 2, maxCPUWait: 10 * time.Millisecond})
 	ts.register(t, testEmail, testPassword)
-	release := holdCPUs(t, ts)
+	release := holdCPUs(t, ts, 2)
 	busy := []request{
 		postJSON("/login", credentialsJSON(testEmail, testPassword)),
 		postForm("/login", "username=ann%40example.com&password=guess"),
@@ -1019,16 +1019,25 @@ func TestBusyCPUs(t *testing.T) {
 	checkJSON(t, ts.register(t, "bob@example.com", testPassword), 201, nil)
 }
 
+// TestCPUSlots: as many bcrypt runs at once as the Go scheduler uses CPUs,
+// and a wait of 2 seconds for the others.
+func TestCPUSlots(t *testing.T) {
+	c := newCPUSlots()
+	if cap(c.slots) != runtime.GOMAXPROCS(0) || c.maxWait != 2*time.Second {
+		t.Errorf("newCPUSlots() = %d slots, a wait of %v; want GOMAXPROCS (%d), 2s", cap(c.slots), c.maxWait, runtime.GOMAXPROCS(0))
+	}
+}
+
 // TestBusyCPUsWait: a request waits for a CPU, and gets it when one comes
 // free within the wait; a client that gives up stops waiting at once.
 func TestBusyCPUsWait(t *testing.T) {
 	ts := newTestServer(t, serverConfig{cpus: 1, maxCPUWait: 10 * time.Second})
 	ts.register(t, testEmail, testPassword)
-	release := holdCPUs(t, ts)
+	release := holdCPUs(t, ts, 1)
 	time.AfterFunc(50*time.Millisecond, release)
 	checkJSON(t, ts.login(t, testEmail, testPassword), 200, nil)
 
-	release = holdCPUs(t, ts)
+	release = holdCPUs(t, ts, 1)
 	defer release()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -1045,7 +1054,7 @@ func TestThrottleBeforeAdmission(t *testing.T) {
 	for range 5 {
 		checkJSON(t, ts.login(t, testEmail, "guess"), 401, nil)
 	}
-	defer holdCPUs(t, ts)()
+	defer holdCPUs(t, ts, 1)()
 	checkThrottled(t, ts.login(t, testEmail, "guess"), "900")
 }
 
