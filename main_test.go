@@ -600,7 +600,7 @@ func TestDummyHashCost(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "users.json")
 			if tt.storedCost != 0 {
 				hash, _ := hashPassword(testPassword, tt.storedCost)
-				os.WriteFile(path, encodeStoreFile(storeFile{NextID: 2, Users: []User{{1, "old@example.com", hash}}}), 0o600)
+				os.WriteFile(path, storeFileBytes(storeFile{NextID: 2, Users: []User{{1, "old@example.com", hash}}}), 0o600)
 			}
 			accts := newTestServer(t, serverConfig{usersPath: path, cost: tt.cost}).accts
 			if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != tt.want {
@@ -1657,6 +1657,13 @@ func snapshot(t *testing.T, dir string) string {
 	return b.String()
 }
 
+// storeFileBytes returns the content of a users file holding f.
+func storeFileBytes(f storeFile) []byte {
+	var buf bytes.Buffer
+	encodeStoreFile(&buf, f)
+	return buf.Bytes()
+}
+
 // readStoreFile reads and decodes a users file.
 func readStoreFile(t *testing.T, path string) storeFile {
 	t.Helper()
@@ -1924,7 +1931,7 @@ func TestStoreHandEdits(t *testing.T) {
 		{"a user removed", func(t *testing.T, path string) {
 			f := readStoreFile(t, path)
 			f.Users = f.Users[1:]
-			os.WriteFile(path, encodeStoreFile(f), 0o600)
+			os.WriteFile(path, storeFileBytes(f), 0o600)
 		}},
 		{"same size, one letter changed", func(t *testing.T, path string) {
 			data, _ := os.ReadFile(path)
@@ -2564,7 +2571,7 @@ func writeUsersFile(b *testing.B, n int) string {
 		f.Users[i] = User{ID: int64(i) + 1, Email: fmt.Sprintf("user%d@example.com", i), PasswordHash: benchHash}
 	}
 	path := filepath.Join(b.TempDir(), "users.json")
-	if err := os.WriteFile(path, encodeStoreFile(f), 0o600); err != nil {
+	if err := os.WriteFile(path, storeFileBytes(f), 0o600); err != nil {
 		b.Fatal(err)
 	}
 	return path

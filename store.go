@@ -15,6 +15,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/json"
@@ -209,13 +210,15 @@ func (s *store) add(email, passwordHash string) (User, error) {
 	}
 	u := User{ID: s.nextID, Email: email, PasswordHash: passwordHash}
 	users := append(s.users, u) // s.users keeps its length until the file is written
-	data := encodeStoreFile(storeFile{NextID: u.ID + 1, Users: users})
-	renamed, err := writeFileAtomic(s.path, data, s.disk)
+	sum := sha256.New()
+	renamed, err := writeFileAtomic(s.path, s.disk, func(w io.Writer) error {
+		return encodeStoreFile(io.MultiWriter(w, sum), storeFile{NextID: u.ID + 1, Users: users})
+	})
 	if !renamed {
 		return User{}, fmt.Errorf("save users to %s: %w", s.path, err)
 	}
 
-	s.users, s.nextID, s.fileSum = users, u.ID+1, sumOf(data)
+	s.users, s.nextID, s.fileSum = users, u.ID+1, string(sum.Sum(nil))
 	s.mu.Lock()
 	s.byEmail[email] = u
 	s.mu.Unlock()
@@ -229,13 +232,18 @@ func (s *store) add(email, passwordHash string) (User, error) {
 // last read or wrote it: someone changed it by hand, and writing now would
 // undo their change without a word.
 func (s *store) checkUnchanged() error {
-	data, err := os.ReadFile(s.path)
 	sum := ""
+	f, err := os.Open(s.path)
 	switch {
 	case err == nil:
-		sum = sumOf(data)
+		defer f.Close()
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err != nil {
+			return fmt.Errorf("read users file %s: %w", s.path, err)
+		}
+		sum = string(h.Sum(nil))
 	case !errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("read users file %s: %w", s.path, err)
+		return fmt.Errorf("open users file %s: %w", s.path, err)
 	}
 	if sum != s.fileSum {
 		return fmt.Errorf("users file %s changed on disk while the server ran, so it was not overwritten: restart the server to load it", s.path)
@@ -249,32 +257,36 @@ func sumOf(data []byte) string {
 	return string(sum[:])
 }
 
-// encodeStoreFile returns the users file's content: JSON with one user per
-// line, so that the file reads, and is edited, a user at a time.
-func encodeStoreFile(f storeFile) []byte {
-	var buf bytes.Buffer
-	fmt.Fprintf(&buf, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
-	enc := json.NewEncoder(&buf)
+// encodeStoreFile writes the users file's content to w: JSON with one user
+// per line, so that the file reads, and is edited, a user at a time. It is
+// streamed, not built in memory first: at 100,000 users, 13 MB of garbage
+// per registration made the garbage collector stall readers.
+func encodeStoreFile(w io.Writer, f storeFile) error {
+	out := bufio.NewWriter(w)
+	fmt.Fprintf(out, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
+	var line bytes.Buffer
+	enc := json.NewEncoder(&line)
 	enc.SetEscapeHTML(false) // emails as they are: "a&b@x.io", not "a\u0026b@x.io"
 	for i, u := range f.Users {
+		line.Reset()
+		enc.Encode(u) // a struct of a number and two strings always encodes
 		if i > 0 {
-			buf.WriteByte(',')
+			out.WriteByte(',')
 		}
-		buf.WriteString("\n    ")
-		enc.Encode(u)               // a struct of a number and two strings always encodes
-		buf.Truncate(buf.Len() - 1) // the newline Encode ends with
+		out.WriteString("\n    ")
+		out.Write(bytes.TrimSuffix(line.Bytes(), []byte("\n"))) // Encode ends with one
 	}
-	buf.WriteString("\n  ]\n}\n")
-	return buf.Bytes()
+	out.WriteString("\n  ]\n}\n")
+	return out.Flush() // reports any error of the writes above
 }
 
-// writeFileAtomic replaces the file at path with data, so that a crash at
-// any instant leaves either the old file or the new one whole: it writes a
-// temporary file in the same folder, flushes it to disk, renames it over
-// path, and flushes the folder so that the rename itself is durable. It
-// reports whether the rename happened: from then on the new file is the
+// writeFileAtomic replaces the file at path with what write writes, so that
+// a crash at any instant leaves either the old file or the new one whole:
+// it writes a temporary file in the same folder, flushes it to disk, renames
+// it over path, and flushes the folder so that the rename itself is durable.
+// It reports whether the rename happened: from then on the new file is the
 // one that readers, and the next start, see.
-func writeFileAtomic(path string, data []byte, disk diskSteps) (renamed bool, err error) {
+func writeFileAtomic(path string, disk diskSteps, write func(io.Writer) error) (renamed bool, err error) {
 	dir, name := filepath.Split(path)
 	if dir == "" {
 		dir = "."
@@ -290,7 +302,7 @@ func writeFileAtomic(path string, data []byte, disk diskSteps) (renamed bool, er
 			os.Remove(tmp.Name())
 		}
 	}()
-	if _, err := tmp.Write(data); err != nil {
+	if err := write(tmp); err != nil {
 		return false, fmt.Errorf("write temporary file: %w", err)
 	}
 	if err := disk.sync(tmp); err != nil {
