@@ -2636,6 +2636,20 @@ func BenchmarkLogin(b *testing.B) {
 	}
 }
 
+// BenchmarkCPUSlots times taking and giving back a bcrypt slot while one
+// is free: what admission adds to a login when the server is not busy
+// (compare BenchmarkLogin's 60 ms).
+func BenchmarkCPUSlots(b *testing.B) {
+	cpus := newCPUSlots()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := cpus.acquire(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		cpus.release()
+	}
+}
+
 // BenchmarkRegisterWrite times a registration's store write as users grow,
 // bcrypt excluded: the whole file encoded, written atomically and synced,
 // then the swap.
