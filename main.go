@@ -118,48 +118,6 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	return serve(ctx, srv, limitConnections(ln, *maxConns), logger)
 }
 
-// newHTTPServer returns the HTTP server for handler, with the limits that
-// keep a slow or greedy client from holding a connection for long.
-func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
-	return &http.Server{
-		Handler:           handler,
-		ReadHeaderTimeout: 5 * time.Second, // a client that trickles its headers (Slowloris)
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10, // room for a token (8 KiB at most) and ordinary headers
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
-}
-
-// shutdownGrace is how long requests in flight may take to finish once the
-// server is told to stop.
-const shutdownGrace = 5 * time.Second
-
-// serve serves srv on ln until ctx ends; then it stops accepting
-// connections and lets the requests in flight finish, for up to
-// shutdownGrace, before it closes what is left.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	select {
-	case err := <-serveErr:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
-	}
-
-	logger.Info("shutting down: finishing requests in flight")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		logger.Warn("requests still in flight were cut off", "err", err)
-		srv.Close()
-	}
-	<-serveErr // http.ErrServerClosed, once Serve has returned
-	logger.Info("stopped")
-	return nil
-}
-
 // loadSecret returns the token signing secret from JWT_SECRET. Unset, it
 // makes a random one for this process; set but too short, it is an error.
 func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]byte, error) {
@@ -561,6 +519,59 @@ func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
 	})
 }
 
+// statusRecorder remembers the status a handler wrote, for the log.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (rec *statusRecorder) WriteHeader(status int) {
+	rec.status = status
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+// newHTTPServer returns the HTTP server for handler, with the limits that
+// keep a slow or greedy client from holding a connection for long.
+func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 5 * time.Second, // a client that trickles its headers (Slowloris)
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10, // room for a token (8 KiB at most) and ordinary headers
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+}
+
+// shutdownGrace is how long requests in flight may take to finish once the
+// server is told to stop.
+const shutdownGrace = 5 * time.Second
+
+// serve serves srv on ln until ctx ends; then it stops accepting
+// connections and lets the requests in flight finish, for up to
+// shutdownGrace, before it closes what is left.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down: finishing requests in flight")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("requests still in flight were cut off", "err", err)
+		srv.Close()
+	}
+	<-serveErr // http.ErrServerClosed, once Serve has returned
+	logger.Info("stopped")
+	return nil
+}
+
 // limitConnections caps the open connections of each client address at max
 // (0: no cap), closing any over it at once, so that one client cannot take
 // the file descriptors and memory that others need.
@@ -618,15 +629,4 @@ func (c *countedConn) Close() error {
 		}
 	})
 	return c.Conn.Close()
-}
-
-// statusRecorder remembers the status a handler wrote, for the log.
-type statusRecorder struct {
-	http.ResponseWriter
-	status int
-}
-
-func (rec *statusRecorder) WriteHeader(status int) {
-	rec.status = status
-	rec.ResponseWriter.WriteHeader(status)
 }

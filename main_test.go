@@ -339,6 +339,16 @@ func checkDetail(t *testing.T, w *httptest.ResponseRecorder, status int, words .
 	}
 }
 
+// parseSource parses one of the program's files.
+func parseSource(t *testing.T, name string) *ast.File {
+	t.Helper()
+	file, err := parser.ParseFile(gotoken.NewFileSet(), name, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
+
 // checkHeaders checks name, value pairs of response headers: each header
 // present once, with exactly that value.
 func checkHeaders(t *testing.T, w *httptest.ResponseRecorder, pairs ...string) {
@@ -1281,12 +1291,8 @@ func TestRoutingErrors(t *testing.T) {
 // then fails TestOpenAPIDocument.
 func routeTable(t *testing.T) []string {
 	t.Helper()
-	file, err := parser.ParseFile(gotoken.NewFileSet(), "main.go", nil, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var patterns []string
-	ast.Inspect(file, func(n ast.Node) bool {
+	ast.Inspect(parseSource(t, "main.go"), func(n ast.Node) bool {
 		call, ok := n.(*ast.CallExpr)
 		if !ok || len(call.Args) != 2 {
 			return true
@@ -1541,16 +1547,6 @@ func TestTokenTimesFractional(t *testing.T) {
 			t.Errorf("claims %s at %s: err = %v, want accepted = %v", tt.claims, now.Format("15:04:05.000"), err, tt.ok)
 		}
 	}
-}
-
-// parseSource parses one of the program's files.
-func parseSource(t *testing.T, name string) *ast.File {
-	t.Helper()
-	file, err := parser.ParseFile(gotoken.NewFileSet(), name, nil, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return file
 }
 
 // TestSignatureComparedInConstantTime reads jwt.go's source. A comparison

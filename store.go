@@ -116,7 +116,8 @@ func openStore(path string, logger *slog.Logger) (*store, error) {
 	for _, u := range f.Users {
 		s.byEmail[u.Email] = u
 	}
-	s.users, s.nextID, s.fileSum = f.Users, f.NextID, sumOf(data)
+	sum := sha256.Sum256(data)
+	s.users, s.nextID, s.fileSum = f.Users, f.NextID, string(sum[:])
 	return s, nil
 }
 
@@ -249,12 +250,6 @@ func (s *store) checkUnchanged() error {
 		return fmt.Errorf("users file %s changed on disk while the server ran, so it was not overwritten: restart the server to load it", s.path)
 	}
 	return nil
-}
-
-// sumOf returns the SHA-256 of a users file's content.
-func sumOf(data []byte) string {
-	sum := sha256.Sum256(data)
-	return string(sum[:])
 }
 
 // encodeStoreFile writes the users file's content to w: JSON with one user
