@@ -39,30 +39,6 @@ import (
 // maxBodyBytes caps every request body.
 const maxBodyBytes = 64 << 10
 
-// openAPIJSON is the API's description, the repository's openapi.json,
-// served as it is at /openapi.json. (A string, so that nothing can change it.)
-//
-//go:embed openapi.json
-var openAPIJSON string
-
-// docsPage is Swagger UI for /openapi.json, as FastAPI's /docs: the page
-// loads Swagger UI 5 from a public CDN, so drawing it needs a network; the
-// API does not.
-const docsPage = `<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>loginserver API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body>
-</html>
-`
-
 func main() {
 	if err := run(context.Background(), os.Args[1:], os.LookupEnv, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "loginserver:", err)
@@ -251,6 +227,30 @@ func handleHealthz() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 }
+
+// openAPIJSON is the API's description, the repository's openapi.json,
+// served as it is at /openapi.json. (A string, so that nothing can change it.)
+//
+//go:embed openapi.json
+var openAPIJSON string
+
+// docsPage is Swagger UI for /openapi.json, as FastAPI's /docs: the page
+// loads Swagger UI 5 from a public CDN, so drawing it needs a network; the
+// API does not.
+const docsPage = `<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>loginserver API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body>
+</html>
+`
 
 // handleFile serves content, fixed at build time, as the given type.
 func handleFile(contentType, content string) http.Handler {
