@@ -1,16 +1,9 @@
-// auth.go holds passwords and logins: the tutorial's hashPassword,
-// verifyPassword and authenticateUser, the rules a new email and password
-// must meet, accounts, which registers users and checks a login, cpuSlots,
-// which keeps bcrypt from overloading the CPUs, and loginLimiter, which
-// stops password guessing.
-//
-// A failed login must not tell anyone which emails are registered, neither
-// by what it says nor by how long it takes. So a login for an unknown email
-// still runs one bcrypt comparison, against a dummy hash made at start, and
-// every failure is the same errInvalidCredentials. And since anyone may try
-// a password, failures are counted, per client address and email and per
-// client address, and past a limit a login is refused before bcrypt runs
-// (RFC 6749 section 4.3.2, NIST SP 800-63B section 5.2.2).
+// auth.go holds passwords and logins. First the chapter's own functions:
+// hashPassword, verifyPassword, and authenticateUser, which looks the user
+// up and checks the password. Then the defenses around them: accounts.login
+// and accounts.register, which the handlers call, run the chapter's steps
+// inside the throttle (loginLimiter), which stops password guessing, and a
+// CPU slot (cpuSlots), which keeps bcrypt from overloading the CPUs.
 
 package main
 
@@ -31,16 +24,126 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
+// errInvalidCredentials is every failed login: unknown email and wrong
+// password alike, so that no answer tells which emails are registered.
+var errInvalidCredentials = errors.New("invalid email or password")
+
+// hashPassword returns the bcrypt hash of password at the given cost.
+func hashPassword(password string, cost int) (string, error) {
+	hash, err := bcrypt.GenerateFromPassword([]byte(password), cost)
+	if err != nil {
+		return "", fmt.Errorf("hash password: %w", err)
+	}
+	return string(hash), nil
+}
+
+// verifyPassword reports whether password matches the bcrypt hash, in time
+// that does not depend on where they differ.
+func verifyPassword(password, hash string) bool {
+	err := bcrypt.CompareHashAndPassword([]byte(hash), []byte(password))
+	// bcrypt reads only 72 bytes, so a longer password would match the hash
+	// of its first 72: refused, after the same comparison as any other.
+	return err == nil && len(password) <= maxPasswordBytes
+}
+
+// accounts registers users and checks logins against the store.
+type accounts struct {
+	users     *store
+	cost      int    // bcrypt cost of new hashes: bcrypt.DefaultCost, or MinCost in tests
+	dummyHash string // compared for an unknown email, so that it takes as long as a wrong password
+
+	// The defenses around the chapter's functions.
+	limiter *loginLimiter
+	cpus    *cpuSlots
+}
+
+// newAccounts returns accounts over users, hashing new passwords at cost,
+// throttling failed logins with limiter and running bcrypt in cpus.
+func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int) (*accounts, error) {
+	// As costly as the costliest stored hash: a users file made elsewhere
+	// may hold costlier hashes than ours.
+	dummyHash, err := hashPassword(rand.Text(), max(cost, users.costliestHash()))
+	if err != nil {
+		return nil, fmt.Errorf("make dummy hash: %w", err)
+	}
+	return &accounts{users: users, cost: cost, dummyHash: dummyHash, limiter: limiter, cpus: cpus}, nil
+}
+
+// authenticateUser returns the user whose normalised email and password
+// these are, or errInvalidCredentials. Any password is simply compared with
+// the stored hash: no registration rule applies.
+func (a *accounts) authenticateUser(email, password string) (User, error) {
+	u, found := a.users.lookup(email)
+	if !found {
+		// The same bcrypt run as a wrong password, so that the time taken
+		// does not tell that the email is unknown.
+		verifyPassword(password, a.dummyHash)
+		return User{}, errInvalidCredentials
+	}
+	if !verifyPassword(password, u.PasswordHash) {
+		return User{}, errInvalidCredentials
+	}
+	return u, nil
+}
+
+// The defenses begin here.
+
+// login is authenticateUser defended: the throttle decides first, then the
+// password is checked in a CPU slot, then the throttle learns the result.
+// It returns the user, errInvalidCredentials, a *throttledError if client
+// (the caller's address) failed too often, or errServerBusy.
+func (a *accounts) login(ctx context.Context, client, email, password string) (User, error) {
+	email = normalizeEmail(email)
+	// Alike for registered and unknown emails, and before bcrypt: a
+	// throttled login costs nothing, waits for nothing and tells nothing.
+	if err := a.limiter.begin(client, email); err != nil {
+		return User{}, err
+	}
+	if err := a.cpus.acquire(ctx); err != nil {
+		a.limiter.cancel(client, email) // the password was not checked
+		return User{}, err
+	}
+	u, err := a.authenticateUser(email, password)
+	a.cpus.release()
+	if err != nil {
+		return User{}, err
+	}
+	a.limiter.succeeded(client, email)
+	return u, nil
+}
+
+// register creates a user: the rules, hashPassword in a CPU slot, then the
+// store. It returns a validationError if the email or password breaks a
+// rule, errEmailTaken, or errServerBusy.
+func (a *accounts) register(ctx context.Context, email, password string) (User, error) {
+	email = normalizeEmail(email)
+	if err := validateEmail(email); err != nil {
+		return User{}, err
+	}
+	if err := validatePassword(password); err != nil {
+		return User{}, err
+	}
+	// The store decides races; this check only spares a bcrypt run.
+	if _, taken := a.users.lookup(email); taken {
+		return User{}, errEmailTaken
+	}
+	if err := a.cpus.acquire(ctx); err != nil {
+		return User{}, err
+	}
+	hash, err := hashPassword(password, a.cost)
+	a.cpus.release()
+	if err != nil {
+		return User{}, err
+	}
+	return a.users.add(email, hash)
+}
+
 // The rules for what a user registers with.
 const (
-	maxEmailBytes    = 254 // the longest address SMTP can carry (RFC 5321, with erratum 1690)
+	maxEmailBytes    = 254 // the longest address SMTP can carry (RFC 5321, erratum 1690)
 	minPasswordBytes = 8
 	maxPasswordBytes = 72 // bcrypt reads no further; a longer password is refused, never cut
 )
-
-// errInvalidCredentials is every failed login: unknown email and wrong
-// password alike.
-var errInvalidCredentials = errors.New("invalid email or password")
 
 // validationError says which rule a registration broke, in a sentence for
 // the client.
@@ -75,107 +178,6 @@ func validatePassword(password string) error {
 		return validationError(fmt.Sprintf("password must be at most %d bytes (the limit of bcrypt)", maxPasswordBytes))
 	}
 	return nil
-}
-
-// hashPassword returns the bcrypt hash of password at the given cost.
-func hashPassword(password string, cost int) (string, error) {
-	hash, err := bcrypt.GenerateFromPassword([]byte(password), cost)
-	if err != nil {
-		return "", fmt.Errorf("hash password: %w", err)
-	}
-	return string(hash), nil
-}
-
-// verifyPassword reports whether password matches the bcrypt hash, in time
-// that does not depend on where they differ.
-func verifyPassword(password, hash string) bool {
-	err := bcrypt.CompareHashAndPassword([]byte(hash), []byte(password))
-	// bcrypt reads only the first 72 bytes, so a longer password would match
-	// the hash of its first 72. It still ran the comparison above, so that
-	// refusing it takes the same time as any wrong password.
-	return err == nil && len(password) <= maxPasswordBytes
-}
-
-// accounts registers users and checks logins against the store.
-type accounts struct {
-	users   *store
-	limiter *loginLimiter
-	cpus    *cpuSlots
-	cost    int // bcrypt cost of new hashes: bcrypt.DefaultCost, or MinCost in tests
-	// dummyHash is compared when a login names an unknown email, so that it
-	// costs the same time as a wrong password and does not reveal which
-	// emails are registered. Its cost is the highest of the store's, since a
-	// users file made elsewhere may hold costlier hashes than ours.
-	dummyHash string
-}
-
-// newAccounts returns accounts over users, hashing new passwords at cost,
-// running bcrypt in cpus and throttling failed logins with limiter.
-func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int) (*accounts, error) {
-	dummyHash, err := hashPassword(rand.Text(), max(cost, users.costliestHash()))
-	if err != nil {
-		return nil, fmt.Errorf("make dummy hash: %w", err)
-	}
-	return &accounts{users: users, limiter: limiter, cpus: cpus, cost: cost, dummyHash: dummyHash}, nil
-}
-
-// register creates a user. It returns a validationError if the email or
-// password breaks a rule, errEmailTaken if the email is registered, and
-// errServerBusy if no CPU came free in time.
-func (a *accounts) register(ctx context.Context, email, password string) (User, error) {
-	email = normalizeEmail(email)
-	if err := validateEmail(email); err != nil {
-		return User{}, err
-	}
-	if err := validatePassword(password); err != nil {
-		return User{}, err
-	}
-	// Checked again by the store, which decides races; this check only
-	// spares a bcrypt run for an email already taken.
-	if _, taken := a.users.lookup(email); taken {
-		return User{}, errEmailTaken
-	}
-	// bcrypt runs here, before the store takes any lock.
-	if err := a.cpus.acquire(ctx); err != nil {
-		return User{}, err
-	}
-	hash, err := hashPassword(password, a.cost)
-	a.cpus.release()
-	if err != nil {
-		return User{}, err
-	}
-	return a.users.add(email, hash)
-}
-
-// authenticateUser returns the user whose email and password these are,
-// or errInvalidCredentials, or a *throttledError if client, the caller's
-// address, has failed too often, or errServerBusy. It applies none of the
-// registration rules: any password is simply compared with the stored hash.
-func (a *accounts) authenticateUser(ctx context.Context, client, email, password string) (User, error) {
-	email = normalizeEmail(email)
-	// Decided before bcrypt runs, and alike for registered and unknown
-	// emails: a throttled login costs nothing, waits for nothing and tells
-	// nothing.
-	if err := a.limiter.begin(client, email); err != nil {
-		return User{}, err
-	}
-	if err := a.cpus.acquire(ctx); err != nil {
-		a.limiter.cancel(client, email) // the password was not checked
-		return User{}, err
-	}
-	defer a.cpus.release()
-	u, found := a.users.lookup(email)
-	if !found {
-		// Same bcrypt cost as a wrong password, so timing does not reveal
-		// that the email is unknown.
-		verifyPassword(password, a.dummyHash)
-		return User{}, errInvalidCredentials
-	}
-	if !verifyPassword(password, u.PasswordHash) {
-		return User{}, errInvalidCredentials
-	}
-	a.limiter.succeeded(client, email)
-	return u, nil
 }
 
 // errServerBusy refuses a request that found no CPU free to run bcrypt in
@@ -221,7 +223,7 @@ func (c *cpuSlots) release() { <-c.slots }
 // Throttling of failed logins.
 const (
 	failureWindow     = 15 * time.Minute
-	maxLimiterEntries = 100_000 // bounds the counters' memory: about 35 MB
+	maxLimiterEntries = 100_000 // bounds the counters' memory
 )
 
 // throttledError refuses a login, without checking it, to a client that
@@ -234,8 +236,9 @@ func (e *throttledError) Error() string {
 	return fmt.Sprintf("too many failed logins: retry after %v", e.retryAfter)
 }
 
-// loginLimiter counts failed logins over a 15-minute window, for each client
-// address and email together and for each client address alone. A window
+// loginLimiter stops password guessing (RFC 6749 section 4.3.2): it counts
+// failed logins over a 15-minute window, for each client address and email
+// together and for each client address alone. A window
 // opens at a count's first failure; once the count reaches its limit, every
 // attempt under it is refused until the window closes.
 //

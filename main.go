@@ -110,22 +110,44 @@ func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]b
 	return []byte(secret), nil
 }
 
-// newServer returns the server's handler: every route, behind the request
-// log, the headers that go on every response, and the mux's own answers
-// (404, 405) put in JSON.
-func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
-	// A page on another site must not make its visitors' browsers register
-	// or log in: five failed logins would lock them out. Clients that are not
-	// browsers send no Sec-Fetch-Site or Origin, and pass.
-	sameOrigin := http.NewCrossOriginProtection()
-	sameOrigin.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusForbidden, "Cross-origin request refused")
-	}))
+// shutdownGrace is how long requests in flight may take to finish once the
+// server is told to stop.
+const shutdownGrace = 5 * time.Second
 
+// serve serves srv on ln until ctx ends; then it stops accepting
+// connections and lets the requests in flight finish, for up to
+// shutdownGrace, before it closes what is left.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down: finishing requests in flight")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("requests still in flight were cut off", "err", err)
+		srv.Close()
+	}
+	<-serveErr // http.ErrServerClosed, once Serve has returned
+	logger.Info("stopped")
+	return nil
+}
+
+// newServer returns the server's handler: the routes, each inside the
+// defenses it needs, and around them all the request log, the headers every
+// response carries, and the mux's own 404 and 405 put in JSON.
+func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+	crossSite := refuseCrossSite()
 	mux := http.NewServeMux()
-	mux.Handle("POST /register", sameOrigin.Handler(handleRegister(logger, accts)))
-	mux.Handle("POST /login", sameOrigin.Handler(handleLogin(logger, accts, secret, now)))
-	mux.Handle("GET /users/me", handleUsersMe(accts.users, secret, now))
+	// accounts.register and accounts.login add the CPU slots and the throttle.
+	mux.Handle("POST /register", crossSite(handleRegister(logger, accts)))
+	mux.Handle("POST /login", crossSite(handleLogin(logger, accts, secret, now)))
+	mux.Handle("GET /users/me", requireUser(accts.users, secret, now, handleUsersMe))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /openapi.json", handleFile("application/json", openAPIJSON))
 	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPage))
@@ -179,7 +201,7 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 		if !ok {
 			return
 		}
-		u, err := accts.authenticateUser(r.Context(), clientAddr(r.RemoteAddr), email, password)
+		u, err := accts.login(r.Context(), clientAddr(r.RemoteAddr), email, password)
 		if err != nil {
 			writeAccountsError(w, logger, err)
 			return
@@ -195,30 +217,59 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 	})
 }
 
-// handleUsersMe returns the user whose bearer token the request carries.
-func handleUsersMe(users *store, secret []byte, now func() time.Time) http.Handler {
+// handleUsersMe answers the user the request's token was issued to.
+func handleUsersMe(w http.ResponseWriter, r *http.Request, u User) {
 	type response struct {
 		ID    int64  `json:"id"`
 		Email string `json:"email"`
 	}
+	writeJSON(w, http.StatusOK, response{ID: u.ID, Email: u.Email})
+}
+
+// requireUser does for a route what FastAPI's Depends(get_current_user)
+// does: it calls next with the user of the request's bearer token, or
+// answers 401 itself. So a protected route is next's own work, and no more.
+func requireUser(users *store, secret []byte, now func() time.Time, next func(http.ResponseWriter, *http.Request, User)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		token, ok := bearerToken(r)
-		if !ok {
+		u, err := currentUser(r, users, secret, now())
+		switch {
+		case errors.Is(err, errNotAuthenticated):
 			// No credentials sent: no error code (RFC 6750 section 3).
 			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
 			writeError(w, http.StatusUnauthorized, "Not authenticated")
-			return
-		}
-		u, err := currentUser(token, users, secret, now())
-		if err != nil {
-			// A token that failed a check (RFC 6750 section 3.1).
+		case err != nil:
 			w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
 			writeError(w, http.StatusUnauthorized, "Could not validate credentials")
-			return
+		default:
+			w.Header().Set("Cache-Control", "no-store") // a user's data follows
+			next(w, r, u)
 		}
-		w.Header().Set("Cache-Control", "no-store")
-		writeJSON(w, http.StatusOK, response{ID: u.ID, Email: u.Email})
 	})
+}
+
+// errNotAuthenticated is a request that sent no bearer token.
+var errNotAuthenticated = errors.New("no bearer token")
+
+// currentUser returns the user whose bearer token the request carries: the
+// chapter's get_current_user, with OAuth2PasswordBearer's reading of the
+// "Authorization: Bearer <token>" header (the scheme in any letter case).
+// Without that header it returns errNotAuthenticated; for a token that
+// fails a check, or whose user no longer exists, an error wrapping
+// errInvalidToken.
+func currentUser(r *http.Request, users *store, secret []byte, now time.Time) (User, error) {
+	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !strings.EqualFold(scheme, "Bearer") {
+		return User{}, errNotAuthenticated
+	}
+	email, err := verifyAccessToken(strings.TrimLeft(token, " "), secret, now)
+	if err != nil {
+		return User{}, err
+	}
+	u, found := users.lookup(email)
+	if !found {
+		return User{}, fmt.Errorf("%w: user %q no longer exists", errInvalidToken, email)
+	}
+	return u, nil
 }
 
 // handleHealthz says the server is up; it runs only once the store is loaded.
@@ -258,64 +309,6 @@ func handleFile(contentType, content string) http.Handler {
 		w.Header().Set("Content-Type", contentType)
 		io.WriteString(w, content)
 	})
-}
-
-// routingErrorsInJSON answers in JSON, as FastAPI does, what the mux
-// answers itself: 404 for an unknown path, and 405 for a known path with
-// another method, its Allow header kept.
-func routingErrorsInJSON(mux *http.ServeMux) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, pattern := mux.Handler(r); pattern == "" { // no route: the mux answers
-			w = &routingErrorWriter{w}
-		}
-		mux.ServeHTTP(w, r)
-	})
-}
-
-// routingErrorWriter turns the mux's plain-text error into {"detail": ...},
-// with the same status and headers.
-type routingErrorWriter struct{ http.ResponseWriter }
-
-func (w *routingErrorWriter) WriteHeader(status int) {
-	writeError(w.ResponseWriter, status, http.StatusText(status))
-}
-
-func (w *routingErrorWriter) Write(p []byte) (int, error) { return len(p), nil } // the plain text
-
-// clientAddr returns the host of a connection's remote address. Proxy
-// headers such as X-Forwarded-For are not trusted: any client can set them.
-func clientAddr(remoteAddr string) string {
-	host, _, err := net.SplitHostPort(remoteAddr)
-	if err != nil {
-		return remoteAddr
-	}
-	return host
-}
-
-// bearerToken returns the token of an "Authorization: Bearer <token>"
-// header, the scheme name in any letter case, and false if there is no
-// such header.
-func bearerToken(r *http.Request) (string, bool) {
-	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !strings.EqualFold(scheme, "Bearer") {
-		return "", false
-	}
-	return strings.TrimLeft(token, " "), true
-}
-
-// currentUser returns the user a bearer token was issued to: the
-// tutorial's get_current_user. Every refusal wraps errInvalidToken, a token
-// whose user no longer exists included.
-func currentUser(token string, users *store, secret []byte, now time.Time) (User, error) {
-	email, err := verifyAccessToken(token, secret, now)
-	if err != nil {
-		return User{}, err
-	}
-	u, found := users.lookup(email)
-	if !found {
-		return User{}, fmt.Errorf("%w: user %q no longer exists", errInvalidToken, email)
-	}
-	return u, nil
 }
 
 // readJSONCredentials reads {"email": "...", "password": "..."}. If the body
@@ -497,6 +490,28 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
+// routingErrorsInJSON answers in JSON, as FastAPI does, what the mux
+// answers itself: 404 for an unknown path, and 405 for a known path with
+// another method, its Allow header kept.
+func routingErrorsInJSON(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern == "" { // no route: the mux answers
+			w = &routingErrorWriter{w}
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// routingErrorWriter turns the mux's plain-text error into {"detail": ...},
+// with the same status and headers.
+type routingErrorWriter struct{ http.ResponseWriter }
+
+func (w *routingErrorWriter) WriteHeader(status int) {
+	writeError(w.ResponseWriter, status, http.StatusText(status))
+}
+
+func (w *routingErrorWriter) Write(p []byte) (int, error) { return len(p), nil } // the plain text
+
 // commonHeaders sets the headers every response carries, the mux's own 404
 // and 405 included.
 func commonHeaders(next http.Handler) http.Handler {
@@ -530,6 +545,31 @@ func (rec *statusRecorder) WriteHeader(status int) {
 	rec.ResponseWriter.WriteHeader(status)
 }
 
+// The defenses begin here.
+
+// refuseCrossSite returns a wrapper that answers 403 to a request that a
+// browser marks as sent by a page of another site (Sec-Fetch-Site, or an
+// Origin that is not the Host), before anything else runs. So a hostile
+// page cannot make its visitors' browsers register, or fail five logins and
+// lock them out. Clients that are not browsers send neither, and pass.
+func refuseCrossSite() func(http.Handler) http.Handler {
+	c := http.NewCrossOriginProtection()
+	c.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusForbidden, "Cross-origin request refused")
+	}))
+	return c.Handler
+}
+
+// clientAddr returns the host of a connection's remote address. Proxy
+// headers such as X-Forwarded-For are not trusted: any client can set them.
+func clientAddr(remoteAddr string) string {
+	host, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		return remoteAddr
+	}
+	return host
+}
+
 // newHTTPServer returns the HTTP server for handler, with the limits that
 // keep a slow or greedy client from holding a connection for long.
 func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
@@ -542,34 +582,6 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 		MaxHeaderBytes:    16 << 10, // room for a token (8 KiB at most) and ordinary headers
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
-}
-
-// shutdownGrace is how long requests in flight may take to finish once the
-// server is told to stop.
-const shutdownGrace = 5 * time.Second
-
-// serve serves srv on ln until ctx ends; then it stops accepting
-// connections and lets the requests in flight finish, for up to
-// shutdownGrace, before it closes what is left.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	select {
-	case err := <-serveErr:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
-	}
-
-	logger.Info("shutting down: finishing requests in flight")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		logger.Warn("requests still in flight were cut off", "err", err)
-		srv.Close()
-	}
-	<-serveErr // http.ErrServerClosed, once Serve has returned
-	logger.Info("stopped")
-	return nil
 }
 
 // limitConnections caps the open connections of each client address at max

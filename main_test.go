@@ -242,7 +242,9 @@ func (ts *testServer) do(tb testing.TB, req request) *httptest.ResponseRecorder 
 	// The mux has set the route's pattern, "POST /login", if a route matched:
 	// every status a route answers in a test must be in openapi.json.
 	if r.Pattern != "" && !ts.documented[fmt.Sprint(r.Pattern, " ", w.Code)] {
-		tb.Errorf("%s answered %d, which openapi.json does not document", r.Pattern, w.Code)
+		method, path, _ := strings.Cut(r.Pattern, " ")
+		tb.Errorf("%s answered %d, which openapi.json does not document: add a response \"%d\" under \"paths\" > %q > %q > \"responses\" in openapi.json",
+			r.Pattern, w.Code, w.Code, path, strings.ToLower(method))
 	}
 	return w
 }
@@ -491,6 +493,25 @@ func TestRegisterConcurrentSameEmail(t *testing.T) {
 
 // 3. Login
 
+// TestLoginChapter is the chapter's story, end to end: register, log in,
+// and open /users/me with the token; a wrong password and an unknown email
+// get the same 401, word for word.
+func TestLoginChapter(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, map[string]any{"id": 1, "email": testEmail})
+
+	login := checkJSON(t, ts.login(t, testEmail, testPassword), 200, map[string]any{"token_type": "bearer", "expires_in": 1800})
+	token, _ := login["access_token"].(string)
+	checkJSON(t, ts.me(t, token), 200, map[string]any{"id": 1, "email": testEmail})
+
+	wrong := ts.login(t, testEmail, "not the password at all")
+	unknown := ts.login(t, "nobody@example.com", testPassword)
+	checkJSON(t, wrong, 401, map[string]any{"detail": "Invalid email or password"})
+	if wrong.Body.String() != unknown.Body.String() || fmt.Sprint(wrong.Header()) != fmt.Sprint(unknown.Header()) {
+		t.Errorf("wrong password = %v %s; unknown email = %v %s; want the same", wrong.Header(), wrong.Body, unknown.Header(), unknown.Body)
+	}
+}
+
 func TestLogin(t *testing.T) {
 	const form = "application/x-www-form-urlencoded"
 	long72 := strings.Repeat("q", 72)
@@ -691,8 +712,8 @@ func TestUnknownEmailCostsOneComparison(t *testing.T) {
 		best := time.Hour
 		for range 5 {
 			start := time.Now()
-			if _, err := accts.authenticateUser(context.Background(), testClient, email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
-				t.Fatalf("authenticateUser(context.Background(), %s) = %v", email, err)
+			if _, err := accts.login(context.Background(), testClient, email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
+				t.Fatalf("login(%s) = %v", email, err)
 			}
 			best = min(best, time.Since(start))
 		}
@@ -895,11 +916,11 @@ func TestThrottleOff(t *testing.T) {
 			accts := newTestServer(t, serverConfig{maxPerAccount: tt.perAccount, maxPerAddress: tt.perAddress}).accts
 			for i := range tt.failures {
 				email := fmt.Sprintf("user%d@example.com", i%tt.emails)
-				if _, err := accts.authenticateUser(context.Background(), testClient, email, "guess"); !errors.Is(err, errInvalidCredentials) {
+				if _, err := accts.login(context.Background(), testClient, email, "guess"); !errors.Is(err, errInvalidCredentials) {
 					t.Fatalf("failure %d: %v, want errInvalidCredentials", i+1, err)
 				}
 			}
-			_, err := accts.authenticateUser(context.Background(), testClient, "user0@example.com", "guess")
+			_, err := accts.login(context.Background(), testClient, "user0@example.com", "guess")
 			var throttled *throttledError
 			if got := errors.As(err, &throttled); got != tt.wantThrottled {
 				t.Errorf("throttled after %d failures = %v (%v), want %v", tt.failures, got, err, tt.wantThrottled)
@@ -920,16 +941,16 @@ func TestThrottleSkipsBcrypt(t *testing.T) {
 	var wrong time.Duration
 	for range 5 {
 		start := time.Now()
-		accts.authenticateUser(context.Background(), testClient, testEmail, "guess")
+		accts.login(context.Background(), testClient, testEmail, "guess")
 		wrong = max(wrong, time.Since(start))
 	}
 	var throttled time.Duration
 	for range 5 {
 		start := time.Now()
-		_, err := accts.authenticateUser(context.Background(), testClient, testEmail, testPassword)
+		_, err := accts.login(context.Background(), testClient, testEmail, testPassword)
 		throttled = max(throttled, time.Since(start))
 		if _, ok := err.(*throttledError); !ok {
-			t.Fatalf("authenticateUser = %v, want a *throttledError", err)
+			t.Fatalf("login = %v, want a *throttledError", err)
 		}
 	}
 	if throttled > wrong/4 {
@@ -1052,8 +1073,8 @@ func TestBusyCPUsWait(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	start := time.Now()
-	if _, err := ts.accts.authenticateUser(ctx, testClient, testEmail, testPassword); !errors.Is(err, errServerBusy) || time.Since(start) > time.Second {
-		t.Errorf("authenticateUser for a client gone = %v after %v, want errServerBusy at once", err, time.Since(start))
+	if _, err := ts.accts.login(ctx, testClient, testEmail, testPassword); !errors.Is(err, errServerBusy) || time.Since(start) > time.Second {
+		t.Errorf("login for a client gone = %v after %v, want errServerBusy at once", err, time.Since(start))
 	}
 }
 
@@ -1195,6 +1216,47 @@ func TestUsersMeEmptyHeader(t *testing.T) {
 	checkJSON(t, w, 401, map[string]any{"detail": "Not authenticated"})
 }
 
+// TestRequireUser puts requireUser around a handler of a route of its own,
+// as a new protected route would be: the handler runs only with a valid
+// token, gets its user, and its answer is never cached; requireUser writes
+// both 401s.
+func TestRequireUser(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	token := ts.token(t)
+	var got []User
+	h := requireUser(ts.users, []byte(testSecret), ts.clock.now, func(w http.ResponseWriter, r *http.Request, u User) {
+		got = append(got, u)
+		writeJSON(w, http.StatusOK, map[string]string{"hello": u.Email})
+	})
+	serve := func(authorization string) *httptest.ResponseRecorder {
+		r := httptest.NewRequest("GET", "/greeting", nil)
+		if authorization != "" {
+			r.Header.Set("Authorization", authorization)
+		}
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		return w
+	}
+	w := serve("Bearer " + token)
+	checkHeaders(t, w, "Cache-Control", "no-store")
+	if w.Code != 200 || len(got) != 1 || got[0].Email != testEmail || got[0].ID != 1 {
+		t.Errorf("valid token: %d, handler got %+v; want 200 and the user", w.Code, got)
+	}
+	w = serve("")
+	checkHeaders(t, w, "WWW-Authenticate", `Bearer realm="api"`)
+	if w.Code != 401 || decode(t, w.Body.Bytes())["detail"] != "Not authenticated" {
+		t.Errorf("no token: %d %s", w.Code, w.Body)
+	}
+	w = serve("Bearer " + token + "x")
+	checkHeaders(t, w, "WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
+	if w.Code != 401 || decode(t, w.Body.Bytes())["detail"] != "Could not validate credentials" {
+		t.Errorf("bad token: %d %s", w.Code, w.Body)
+	}
+	if len(got) != 1 {
+		t.Errorf("handler ran %d times, want once: only with a valid token", len(got))
+	}
+}
+
 // TestTokenLifetime moves the clock: a token opens /users/me for 30
 // minutes, and not a second longer.
 func TestTokenLifetime(t *testing.T) {
@@ -1324,10 +1386,18 @@ func TestOpenAPIDocument(t *testing.T) {
 		}
 	}
 	served := routeTable(t)
-	slices.Sort(documented)
-	slices.Sort(served)
-	if len(served) < 6 || !slices.Equal(documented, served) {
-		t.Errorf("openapi.json documents %q; the server serves %q", documented, served)
+	if len(served) < 6 {
+		t.Errorf("routes read from newServer = %q, want at least the six of the API", served)
+	}
+	for _, route := range served {
+		if method, path, _ := strings.Cut(route, " "); !slices.Contains(documented, route) {
+			t.Errorf("openapi.json does not document %s, which newServer serves: add it under \"paths\" > %q > %q", route, path, strings.ToLower(method))
+		}
+	}
+	for _, route := range documented {
+		if !slices.Contains(served, route) {
+			t.Errorf("openapi.json documents %s, which newServer does not serve", route)
+		}
 	}
 	scheme := doc.Components.SecuritySchemes["OAuth2PasswordBearer"]
 	if scheme.Type != "oauth2" || scheme.Flows["password"].TokenURL != "/login" {

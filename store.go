@@ -194,9 +194,7 @@ func (s *store) costliestHash() int {
 // later step failed, the user is kept, as the file does, and the error
 // still says why.
 //
-// Every registration encodes and rewrites the whole file: simple, and cheap
-// while users are few, but its cost grows with them; the README's
-// Performance section gives the figures and the scale this suits.
+// Each change rewrites the whole file, so its cost grows with the users.
 func (s *store) add(email, passwordHash string) (User, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
@@ -254,8 +252,7 @@ func (s *store) checkUnchanged() error {
 
 // encodeStoreFile writes the users file's content to w: JSON with one user
 // per line, so that the file reads, and is edited, a user at a time. It is
-// streamed, not built in memory first: at 100,000 users, 13 MB of garbage
-// per registration made the garbage collector stall readers.
+// written a user at a time, never held whole in memory.
 func encodeStoreFile(w io.Writer, f storeFile) error {
 	out := bufio.NewWriter(w)
 	fmt.Fprintf(out, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
