@@ -19,7 +19,7 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -120,7 +120,7 @@ func (a *accounts) register(ctx context.Context, email, password string) (User, 
 	if err := validateEmail(email); err != nil {
 		return User{}, err
 	}
-	if err := validatePassword(password); err != nil {
+	if err := validatePassword(password, email); err != nil {
 		return User{}, err
 	}
 	// The store decides races; this check only spares a bcrypt run.
@@ -141,8 +141,8 @@ func (a *accounts) register(ctx context.Context, email, password string) (User, 
 // The rules for what a user registers with.
 const (
 	maxEmailBytes    = 254 // the longest address SMTP can carry (RFC 5321, erratum 1690)
-	minPasswordBytes = 8
-	maxPasswordBytes = 72 // bcrypt reads no further; a longer password is refused, never cut
+	minPasswordChars = 15  // for a password that is the only factor (NIST SP 800-63B-4, 3.1.1.2)
+	maxPasswordBytes = 72  // bcrypt reads no further; a longer password is refused, never cut
 )
 
 // validationError says which rule a registration broke, in a sentence for
@@ -151,16 +151,18 @@ type validationError string
 
 func (e validationError) Error() string { return string(e) }
 
-// validateEmail checks a normalised email: a bare address that net/mail
-// accepts (no display name, no angle brackets), at most 254 bytes.
+// validateEmail checks a normalised email: printable ASCII, at most 254
+// bytes, and a bare address that net/mail accepts (no display name, no
+// angle brackets).
 func validateEmail(email string) error {
 	if len(email) > maxEmailBytes {
 		return validationError(fmt.Sprintf("email must be at most %d bytes", maxEmailBytes))
 	}
-	// Invisible characters (zero-width spaces, byte-order marks, bidi
-	// overrides, controls) would let two accounts look alike.
-	if i := strings.IndexFunc(email, func(r rune) bool { return unicode.In(r, unicode.Cc, unicode.Cf, unicode.Z) }); i >= 0 {
-		return validationError(fmt.Sprintf("email must not hold control, format or separator characters, such as the %U at byte %d", []rune(email[i:])[0], i))
+	// ASCII leaves no two spellings of one address that look alike: no
+	// invisible characters, no Unicode case or normalisation forms, no
+	// letters from other scripts that look like Latin ones.
+	if i := strings.IndexFunc(email, func(r rune) bool { return r < '!' || r > '~' }); i >= 0 {
+		return validationError(fmt.Sprintf("email must be printable ASCII, with an internationalised domain in its xn-- form; it holds %U at byte %d", []rune(email[i:])[0], i))
 	}
 	addr, err := mail.ParseAddress(email)
 	if err != nil || addr.Name != "" || addr.Address != email {
@@ -169,13 +171,22 @@ func validateEmail(email string) error {
 	return nil
 }
 
-// validatePassword checks a new password's length in bytes.
-func validatePassword(password string) error {
+// validatePassword checks a new password for a valid, normalised email, as
+// NIST SP 800-63B-4 asks: at least 15 characters, each code point counting
+// as one, with no rules on what kinds of characters; not the email, nor
+// holding its local part (the part before the @) if that has 4 characters
+// or more. And at most 72 bytes, all that bcrypt reads.
+func validatePassword(password, email string) error {
+	local := email[:strings.LastIndexByte(email, '@')]
 	switch {
-	case len(password) < minPasswordBytes:
-		return validationError(fmt.Sprintf("password must be at least %d bytes", minPasswordBytes))
+	case utf8.RuneCountInString(password) < minPasswordChars:
+		return validationError(fmt.Sprintf("password must be at least %d characters", minPasswordChars))
 	case len(password) > maxPasswordBytes:
 		return validationError(fmt.Sprintf("password must be at most %d bytes (the limit of bcrypt)", maxPasswordBytes))
+	case strings.EqualFold(password, email):
+		return validationError("password must not be the email")
+	case len(local) >= 4 && strings.Contains(strings.ToLower(password), local):
+		return validationError(fmt.Sprintf("password must not contain %q, the email's part before the @", local))
 	}
 	return nil
 }

@@ -10,14 +10,17 @@
 package main
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 const (
@@ -118,21 +121,63 @@ func sign(signingInput string, secret []byte) []byte {
 	return mac.Sum(nil)
 }
 
-// decodeSegment decodes a base64url segment that holds a JSON object. The
-// object is read into a map, so that members are found by their exact
-// names: encoding/json matches struct fields regardless of case, and with
-// a struct {"ALG": "none"} would count as alg.
+// decodeSegment decodes a base64url segment that holds a JSON object.
 func decodeSegment(seg string) (map[string]any, error) {
 	data, err := b64.DecodeString(seg)
 	if err != nil {
 		return nil, fmt.Errorf("base64url: %w", err)
 	}
-	var object map[string]any
-	if err := json.Unmarshal(data, &object); err != nil {
-		return nil, fmt.Errorf("JSON: %w", err)
+	return decodeObject(data)
+}
+
+// decodeObject decodes data, one JSON object and nothing after it, into a
+// map of its members. It reads request bodies and tokens alike, more
+// strictly than json.Unmarshal, so that no two readers of one text can
+// disagree about what it says: a member counts only under its exact name
+// (a struct field would also match "EMAIL", or "paſſword" with
+// a long s), a name given twice is refused rather than the last one taken,
+// and text that is not UTF-8 is refused rather than mended with U+FFFD.
+func decodeObject(data []byte) (map[string]any, error) {
+	if !utf8.Valid(data) {
+		return nil, errors.New("must be valid UTF-8")
 	}
-	if object == nil { // the JSON was null
-		return nil, errors.New("JSON: not an object")
+	dec := json.NewDecoder(bytes.NewReader(data))
+	switch start, err := dec.Token(); {
+	case err == io.EOF:
+		return nil, errors.New("must not be empty")
+	case err != nil:
+		return nil, malformed(err)
+	case start != json.Delim('{'):
+		return nil, errors.New("must be a JSON object")
+	}
+	object := map[string]any{}
+	for dec.More() {
+		name, err := dec.Token() // inside an object, a string or an error
+		if err != nil {
+			return nil, malformed(err)
+		}
+		var value any
+		if err := dec.Decode(&value); err != nil {
+			return nil, malformed(err)
+		}
+		if _, twice := object[name.(string)]; twice {
+			return nil, fmt.Errorf("names %q twice", name)
+		}
+		object[name.(string)] = value
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return nil, malformed(err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("must hold one JSON object and nothing after it")
 	}
 	return object, nil
+}
+
+// malformed says where JSON broke off, for a person.
+func malformed(err error) error {
+	if syntaxErr := (*json.SyntaxError)(nil); errors.As(err, &syntaxErr) {
+		return fmt.Errorf("is malformed JSON at byte %d", syntaxErr.Offset)
+	}
+	return errors.New("is malformed JSON: it ends too soon")
 }

@@ -26,6 +26,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -311,30 +312,39 @@ func handleFile(contentType, content string) http.Handler {
 	})
 }
 
-// readJSONCredentials reads {"email": "...", "password": "..."}. If the body
-// is not that, it writes the error response and returns false.
+// readJSONCredentials reads {"email": "...", "password": "..."}; other
+// members are ignored, as FastAPI does. If the body is not that, it writes
+// the error response and returns false.
 func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
-	var body struct {
-		Email    *string `json:"email"`
-		Password *string `json:"password"`
-	}
-	if !readJSON(w, r, &body) {
+	if !isJSON(mediaType(r)) {
+		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
 		return "", "", false
 	}
+	body, ok := readBody(w, r)
+	if !ok {
+		return "", "", false
+	}
+	object, err := decodeObject(body)
+	if err != nil {
+		writeError(w, http.StatusUnprocessableEntity, "body "+err.Error())
+		return "", "", false
+	}
+	email, isEmail := object["email"].(string)
+	password, isPassword := object["password"].(string)
 	switch {
-	case body.Email == nil:
+	case !isEmail:
 		writeError(w, http.StatusUnprocessableEntity, "email is required and must be a string")
 		return "", "", false
-	case body.Password == nil:
+	case !isPassword:
 		writeError(w, http.StatusUnprocessableEntity, "password is required and must be a string")
 		return "", "", false
-	case strings.ContainsRune(*body.Email+*body.Password, utf8.RuneError):
+	case strings.ContainsRune(email+password, utf8.RuneError):
 		// What an escaped half of a surrogate pair ("\ud800") decodes to:
 		// refused, so that different inputs never become one password.
 		writeError(w, http.StatusUnprocessableEntity, "email and password must be valid Unicode text (no U+FFFD)")
 		return "", "", false
 	}
-	return *body.Email, *body.Password, true
+	return email, password, true
 }
 
 // readFormCredentials reads an OAuth2 password grant form: username,
@@ -361,61 +371,21 @@ func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 		writeError(w, http.StatusBadRequest, "unsupported grant_type")
 		return "", "", false
 	}
+	// As for JSON, text that is not UTF-8 is refused rather than mended,
+	// and a field given twice rather than one of them taken.
+	for name, values := range form {
+		if !utf8.ValidString(name) || slices.ContainsFunc(values, func(v string) bool { return !utf8.ValidString(v) }) {
+			writeError(w, http.StatusUnprocessableEntity, "body must be valid UTF-8")
+			return "", "", false
+		}
+	}
 	for _, field := range []string{"username", "password"} {
-		if !form.Has(field) {
-			writeError(w, http.StatusUnprocessableEntity, field+" is required")
+		if len(form[field]) != 1 {
+			writeError(w, http.StatusUnprocessableEntity, field+" is required, once")
 			return "", "", false
 		}
 	}
 	return form.Get("username"), form.Get("password"), true
-}
-
-// readJSON decodes a request body holding one JSON object into dst. Unknown
-// fields are ignored, as FastAPI does. If the body is not JSON, too large,
-// or not one object, it writes the error response and returns false.
-func readJSON(w http.ResponseWriter, r *http.Request, dst any) bool {
-	if !isJSON(mediaType(r)) {
-		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
-		return false
-	}
-	body, ok := readBody(w, r)
-	if !ok {
-		return false
-	}
-	// Else encoding/json would turn each invalid byte into U+FFFD, and
-	// different passwords into one.
-	if !utf8.Valid(body) {
-		writeError(w, http.StatusUnprocessableEntity, "body must be valid UTF-8")
-		return false
-	}
-	var (
-		syntaxErr *json.SyntaxError
-		typeErr   *json.UnmarshalTypeError
-	)
-	dec := json.NewDecoder(bytes.NewReader(body))
-	err := dec.Decode(dst)
-	if err == nil && dec.Decode(&struct{}{}) != io.EOF {
-		writeError(w, http.StatusUnprocessableEntity, "body must hold a single JSON object and nothing after it")
-		return false
-	}
-	switch {
-	case err == nil:
-		return true
-	case errors.As(err, &syntaxErr):
-		writeError(w, http.StatusUnprocessableEntity, fmt.Sprintf("body is malformed JSON at byte %d", syntaxErr.Offset))
-	case errors.Is(err, io.ErrUnexpectedEOF):
-		writeError(w, http.StatusUnprocessableEntity, "body is malformed JSON: it ends too soon")
-	case errors.Is(err, io.EOF):
-		writeError(w, http.StatusUnprocessableEntity, "body must not be empty")
-	case errors.As(err, &typeErr) && typeErr.Field == "":
-		writeError(w, http.StatusUnprocessableEntity, "body must be a JSON object")
-	case errors.As(err, &typeErr):
-		writeError(w, http.StatusUnprocessableEntity, fmt.Sprintf("%s must be a %s, not a JSON %s",
-			typeErr.Field, strings.TrimPrefix(typeErr.Type.String(), "*"), typeErr.Value))
-	default:
-		writeError(w, http.StatusUnprocessableEntity, "body is not valid JSON")
-	}
-	return false
 }
 
 // readBody reads a request body of at most 64 KiB. If it is larger, it
@@ -579,8 +549,10 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
 		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10, // room for a token (8 KiB at most) and ordinary headers
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		// Go reads 4 KiB more than this: 16 KiB in all for the request line
+		// and headers, room for a token (8 KiB at most) and ordinary headers.
+		MaxHeaderBytes: 12 << 10,
+		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 }
 

@@ -48,6 +48,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -162,10 +163,25 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 type openAPIDoc struct {
 	OpenAPI string
 	Paths   map[string]map[string]struct {
-		Security  []map[string][]string
-		Responses map[string]any
+		Security    []map[string][]string
+		Responses   map[string]any
+		RequestBody struct {
+			Content map[string]struct {
+				Schema struct {
+					Ref string `json:"$ref"`
+				}
+				Example map[string]string
+			}
+		}
 	}
 	Components struct {
+		Schemas map[string]struct {
+			Properties map[string]struct {
+				Format, Pattern, Description string
+				MinLength, MaxLength         int
+				Examples                     []string
+			}
+		}
 		SecuritySchemes map[string]struct {
 			Type  string
 			Flows map[string]struct{ TokenURL string }
@@ -377,11 +393,16 @@ func TestRegister(t *testing.T) {
 		{"created", "application/json", credentialsJSON(testEmail, testPassword), 201, testEmail, nil},
 		{"email trimmed and lower-cased", "application/json", credentialsJSON("  Ann@Example.COM ", testPassword), 201, testEmail, nil},
 		{"content type with charset", "application/json; charset=utf-8", credentialsJSON(testEmail, testPassword), 201, testEmail, nil},
-		{"unknown fields ignored", "application/json", `{"email":"ann@example.com","password":"12345678","name":"Ann","admin":true}`, 201, testEmail, nil},
+		{"unknown fields ignored", "application/json", `{"email":"ann@example.com","password":"correct horse battery","name":"Ann","admin":true}`, 201, testEmail, nil},
 		{"email of 254 bytes", "application/json", credentialsJSON(long, testPassword), 201, long, nil},
-		{"password of 8 bytes", "application/json", credentialsJSON(testEmail, "12345678"), 201, testEmail, nil},
+		{"email with + and &", "application/json", credentialsJSON("a+b&c@example.com", testPassword), 201, "a+b&c@example.com", nil},
+		{"email with an internationalised domain in ASCII", "application/json", credentialsJSON("ann@xn--bcher-kva.example", testPassword), 201, "ann@xn--bcher-kva.example", nil},
+		{"password of 15 characters", "application/json", credentialsJSON(testEmail, strings.Repeat("p", 15)), 201, testEmail, nil},
+		{"password of 15 two-byte characters (30 bytes)", "application/json", credentialsJSON(testEmail, strings.Repeat("é", 15)), 201, testEmail, nil},
 		{"password of 72 bytes", "application/json", credentialsJSON(testEmail, strings.Repeat("p", 72)), 201, testEmail, nil},
-		{"password of 4 two-byte runes", "application/json", credentialsJSON(testEmail, "éééé"), 201, testEmail, nil},
+		{"password of 36 two-byte characters (72 bytes)", "application/json", credentialsJSON(testEmail, strings.Repeat("é", 36)), 201, testEmail, nil},
+		{"password of digits only: no composition rules", "application/json", credentialsJSON(testEmail, "123456789012345"), 201, testEmail, nil},
+		{"password holding a local part of 3 characters", "application/json", credentialsJSON(testEmail, "ann is my password"), 201, testEmail, nil},
 
 		{"email of 255 bytes", "application/json", credentialsJSON("x"+long, testPassword), 422, "", []string{"email", "254"}},
 		{"email without @", "application/json", credentialsJSON("ann.example.com", testPassword), 422, "", []string{"email"}},
@@ -390,32 +411,48 @@ func TestRegister(t *testing.T) {
 		{"email in angle brackets", "application/json", credentialsJSON("<ann@example.com>", testPassword), 422, "", []string{"email"}},
 		{"email with comment", "application/json", credentialsJSON("ann@example.com (Ann)", testPassword), 422, "", []string{"email"}},
 		{"email empty", "application/json", credentialsJSON("", testPassword), 422, "", []string{"email"}},
-		{"password of 7 bytes", "application/json", credentialsJSON(testEmail, "1234567"), 422, "", []string{"password", "8"}},
+		{"password of 14 characters", "application/json", credentialsJSON(testEmail, strings.Repeat("p", 14)), 422, "", []string{"password", "15"}},
+		{"password of 14 two-byte characters (28 bytes)", "application/json", credentialsJSON(testEmail, strings.Repeat("é", 14)), 422, "", []string{"password", "15"}},
+		{"password of 8 characters, the old rule", "application/json", credentialsJSON(testEmail, "12345678"), 422, "", []string{"password", "15"}},
 		{"password of 73 bytes", "application/json", credentialsJSON(testEmail, strings.Repeat("p", 73)), 422, "", []string{"password", "72"}},
-		{"password of 3 two-byte runes", "application/json", credentialsJSON(testEmail, "ééé"), 422, "", []string{"password", "8"}},
-		{"email missing", "application/json", `{"password":"12345678"}`, 422, "", []string{"email", "required"}},
+		{"password of 37 two-byte characters (74 bytes)", "application/json", credentialsJSON(testEmail, strings.Repeat("é", 37)), 422, "", []string{"password", "72"}},
+		{"password holding the local part", "application/json", credentialsJSON("anna@example.com", "anna-is-my-password"), 422, "", []string{"password", `"anna"`}},
+		{"password holding the local part in capitals", "application/json", credentialsJSON("anna@example.com", "my name is ANNA, hi"), 422, "", []string{"password", `"anna"`}},
+		{"password that is the email", "application/json", credentialsJSON("bo@example.co.uk", "BO@example.co.uk"), 422, "", []string{"password", "email"}},
+		{"email missing", "application/json", `{"password":"correct horse battery"}`, 422, "", []string{"email", "required"}},
 		{"password missing", "application/json", `{"email":"ann@example.com"}`, 422, "", []string{"password", "required"}},
-		{"email null", "application/json", `{"email":null,"password":"12345678"}`, 422, "", []string{"email"}},
-		{"email a number", "application/json", `{"email":5,"password":"12345678"}`, 422, "", []string{"email", "string"}},
-		{"password an array", "application/json", `{"email":"ann@example.com","password":["12345678"]}`, 422, "", []string{"password", "string"}},
+		{"email null", "application/json", `{"email":null,"password":"correct horse battery"}`, 422, "", []string{"email"}},
+		{"email a number", "application/json", `{"email":5,"password":"correct horse battery"}`, 422, "", []string{"email", "string"}},
+		{"password an array", "application/json", `{"email":"ann@example.com","password":["correct horse battery"]}`, 422, "", []string{"password", "string"}},
+		{"EMAIL and PASSWORD in capitals: unknown members", "application/json", `{"EMAIL":"ann@example.com","PASSWORD":"correct horse battery"}`, 422, "", []string{"email", "required"}},
+		{"Password: an unknown member", "application/json", `{"email":"ann@example.com","Password":"correct horse battery"}`, 422, "", []string{"password", "required"}},
+		{"password with a long s: an unknown member", "application/json", `{"email":"ann@example.com","paſſword":"correct horse battery"}`, 422, "", []string{"password", "required"}},
+		{"email named twice", "application/json", `{"email":"red@example.com","email":"blue@example.com","password":"correct horse battery"}`, 422, "", []string{`"email"`, "twice"}},
+		{"password named twice, once escaped", "application/json", `{"email":"ann@example.com","password":"correct horse battery","pass\u0077ord":"another horse battery"}`, 422, "", []string{`"password"`, "twice"}},
+		{"unknown member named twice", "application/json", `{"email":"ann@example.com","password":"correct horse battery","x":1,"x":2}`, 422, "", []string{`"x"`, "twice"}},
 		{"malformed JSON", "application/json", `{"email":"ann@example.com",`, 422, "", []string{"JSON"}},
 		{"JSON syntax error", "application/json", `{"email" "ann@example.com"}`, 422, "", []string{"JSON"}},
-		{"trailing data", "application/json", credentialsJSON(testEmail, testPassword) + ` {}`, 422, "", []string{"single JSON object"}},
-		{"trailing garbage", "application/json", credentialsJSON(testEmail, testPassword) + `x`, 422, "", []string{"single JSON object"}},
+		{"trailing data", "application/json", credentialsJSON(testEmail, testPassword) + ` {}`, 422, "", []string{"one JSON object"}},
+		{"trailing garbage", "application/json", credentialsJSON(testEmail, testPassword) + `x`, 422, "", []string{"one JSON object"}},
 		{"empty body", "application/json", ``, 422, "", []string{"empty"}},
 		{"array body", "application/json", `[]`, 422, "", []string{"object"}},
 		{"string body", "application/json", `"ann"`, 422, "", []string{"object"}},
-		{"null body", "application/json", `null`, 422, "", []string{"email"}},
+		{"null body", "application/json", `null`, 422, "", []string{"object"}},
 
+		{"email with é precomposed (NFC)", "application/json", credentialsJSON("jos\u00e9@example.com", testPassword), 422, "", []string{"email", "ASCII", "U+00E9"}},
+		{"email with e and a combining accent (NFD)", "application/json", credentialsJSON("jose\u0301@example.com", testPassword), 422, "", []string{"email", "ASCII", "U+0301"}},
+		{"email with the Kelvin sign", "application/json", credentialsJSON("\u212aate@example.com", testPassword), 422, "", []string{"email", "ASCII", "U+212A"}},
+		{"email with a Hangul filler", "application/json", credentialsJSON("ann\u3164@example.com", testPassword), 422, "", []string{"email", "U+3164"}},
+		{"email with a variation selector", "application/json", credentialsJSON("ann\ufe0f@example.com", testPassword), 422, "", []string{"email", "U+FE0F"}},
 		{"email with a zero-width space", "application/json", credentialsJSON("ann\u200b@example.com", testPassword), 422, "", []string{"email", "U+200B"}},
 		{"email with a byte-order mark", "application/json", credentialsJSON("\ufeffann@example.com", testPassword), 422, "", []string{"email", "U+FEFF"}},
 		{"email with a bidi override", "application/json", credentialsJSON("ann\u202e@example.com", testPassword), 422, "", []string{"email", "U+202E"}},
 		{"email with a C1 control", "application/json", credentialsJSON("ann\u0085@example.com", testPassword), 422, "", []string{"email", "U+0085"}},
 		{"email with a no-break space", "application/json", credentialsJSON("ann\u00a0@example.com", testPassword), 422, "", []string{"email", "U+00A0"}},
-		{"email with a line separator", "application/json", credentialsJSON("ann\u2028@example.com", testPassword), 422, "", []string{"email", "U+2028"}},
-		{"email with a paragraph separator", "application/json", credentialsJSON("ann\u2029@example.com", testPassword), 422, "", []string{"email", "U+2029"}},
+		{"email after a no-break space", "application/json", credentialsJSON("\u00a0ann@example.com", testPassword), 422, "", []string{"email", "U+00A0"}},
+		{"email with a tab inside", "application/json", credentialsJSON("ann\t@example.com", testPassword), 422, "", []string{"email", "U+0009"}},
 		{"password not UTF-8", "application/json", "{\"email\":\"ann@example.com\",\"password\":\"correct horse \xff\"}", 422, "", []string{"UTF-8"}},
-		{"unknown field not UTF-8", "application/json", "{\"email\":\"ann@example.com\",\"password\":\"correct horse\",\"name\":\"\xc0\"}", 422, "", []string{"UTF-8"}},
+		{"unknown field not UTF-8", "application/json", "{\"email\":\"ann@example.com\",\"password\":\"correct horse battery\",\"name\":\"\xc0\"}", 422, "", []string{"UTF-8"}},
 		{"password with half a surrogate pair", "application/json", `{"email":"ann@example.com","password":"correct horse \ud800"}`, 422, "", []string{"U+FFFD"}},
 
 		{"text content type", "text/plain", credentialsJSON(testEmail, testPassword), 415, "", []string{"JSON"}},
@@ -429,8 +466,8 @@ func TestRegister(t *testing.T) {
 			w := ts.do(t, request{method: "POST", path: "/register", contentType: tt.contentType, body: tt.body})
 			if tt.status != http.StatusCreated {
 				checkDetail(t, w, tt.status, tt.words...)
-				if _, found := ts.users.lookup(testEmail); found {
-					t.Errorf("user stored after a %d", tt.status)
+				if _, err := os.Stat(ts.path); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("users file written after a %d: %v", tt.status, err)
 				}
 				return
 			}
@@ -542,7 +579,13 @@ func TestLogin(t *testing.T) {
 		{"form, other grant_type", form, "grant_type=client_credentials&username=ann%40example.com&password=x", "", 400, "unsupported grant_type"},
 		{"form, empty grant_type", form, "grant_type=&username=ann%40example.com&password=x", "", 400, "unsupported grant_type"},
 		{"form, two grant_types", form, "grant_type=password&grant_type=password&username=a&password=x", "", 400, "unsupported grant_type"},
-		{"form, password in the URL only", form, "username=ann%40example.com", "?password=" + url.QueryEscape(testPassword), 422, "password is required"},
+		{"form, password in the URL only", form, "username=ann%40example.com", "?password=" + url.QueryEscape(testPassword), 422, "password is required, once"},
+		{"form, username twice", form, "username=ann%40example.com&username=bob%40example.com&password=x", "", 422, "username is required, once"},
+		{"form, password not UTF-8", form, "username=ann%40example.com&password=%FF", "", 422, "body must be valid UTF-8"},
+		{"form, another field not UTF-8", form, "username=ann%40example.com&password=x&scope=%C0", "", 422, "body must be valid UTF-8"},
+		{"JSON, EMAIL and PASSWORD in capitals", "application/json", `{"EMAIL":"ann@example.com","PASSWORD":"correct horse battery"}`, "", 422, "email is required and must be a string"},
+		{"JSON, password with a long s", "application/json", `{"email":"ann@example.com","paſſword":"correct horse battery"}`, "", 422, "password is required and must be a string"},
+		{"JSON, email named twice", "application/json", `{"email":"nobody@example.com","email":"ann@example.com","password":"correct horse battery"}`, "", 422, `body names "email" twice`},
 		{"JSON, email missing", "application/json", `{"password":"x"}`, "", 422, ""},
 		{"JSON, password missing", "application/json", `{"email":"ann@example.com"}`, "", 422, ""},
 		{"JSON, password a number", "application/json", `{"email":"ann@example.com","password":12345678}`, "", 422, ""},
@@ -587,6 +630,20 @@ func TestLogin(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestLoginOldRules: a user registered under older rules, here with a
+// password of 8 characters, still logs in: login applies no registration
+// rule. And a form body that is not UTF-8 is a 422, not a failed login.
+func TestLoginOldRules(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users.json")
+	hash, _ := hashPassword("12345678", bcrypt.MinCost)
+	os.WriteFile(path, storeFileBytes(storeFile{NextID: 2, Users: []User{{1, "old@example.com", hash}}}), 0o600)
+	ts := newTestServer(t, serverConfig{usersPath: path, maxPerAccount: 1})
+	for range 3 {
+		checkDetail(t, ts.do(t, postForm("/login", "username=old%40example.com&password=%FF%FE")), 422, "UTF-8")
+	}
+	checkJSON(t, ts.login(t, "old@example.com", "12345678"), 200, nil) // not throttled: nothing was counted
 }
 
 // TestLoginFailuresAlike checks that every failed login answers the same
@@ -1408,6 +1465,53 @@ func TestOpenAPIDocument(t *testing.T) {
 	}
 }
 
+// TestOpenAPIRegistrationRules: /register's request schema carries the
+// rules JSON Schema can say, its descriptions the rest, and its examples
+// are registrations the server takes. The login schema is as permissive as
+// the server.
+func TestOpenAPIRegistrationRules(t *testing.T) {
+	doc := readOpenAPI(t)
+	schema := func(path string) string {
+		return strings.TrimPrefix(doc.Paths[path]["post"].RequestBody.Content["application/json"].Schema.Ref, "#/components/schemas/")
+	}
+	if schema("/register") != "Registration" || schema("/login") != "Credentials" {
+		t.Fatalf("request schemas: /register %q, /login %q; want Registration, Credentials", schema("/register"), schema("/login"))
+	}
+	reg := doc.Components.Schemas["Registration"].Properties
+	email, password := reg["email"], reg["password"]
+	if email.Format != "email" || email.MaxLength != maxEmailBytes || email.Pattern != "^[!-~]+$" {
+		t.Errorf("Registration email = %+v; want format email, maxLength 254, pattern ^[!-~]+$", email)
+	}
+	if password.MinLength != minPasswordChars || password.MaxLength != 0 {
+		t.Errorf("Registration password: minLength %d, maxLength %d; want 15, and no maxLength (it counts characters, the limit is bytes)", password.MinLength, password.MaxLength)
+	}
+	for _, words := range [][]string{{email.Description, "ASCII", "254 bytes", "xn--"}, {password.Description, "15 characters", "72 bytes", "local part", "4 characters"}} {
+		for _, w := range words[1:] {
+			if !strings.Contains(words[0], w) {
+				t.Errorf("description %q does not say %q", words[0], w)
+			}
+		}
+	}
+	for name, p := range doc.Components.Schemas["Credentials"].Properties {
+		if p.MinLength != 0 || p.MaxLength != 0 || p.Pattern != "" || p.Format == "email" {
+			t.Errorf("Credentials %s = %+v; want no rule: login takes any string", name, p)
+		}
+	}
+	pattern := regexp.MustCompile(email.Pattern)
+	examples := []map[string]string{doc.Paths["/register"]["post"].RequestBody.Content["application/json"].Example}
+	for i := range email.Examples {
+		examples = append(examples, map[string]string{"email": email.Examples[i], "password": password.Examples[i]})
+	}
+	for _, ex := range examples {
+		if !pattern.MatchString(ex["email"]) || utf8.RuneCountInString(ex["password"]) < password.MinLength {
+			t.Errorf("example %v breaks the document's own rules", ex)
+		}
+		ts := newTestServer(t, serverConfig{})
+		checkJSON(t, ts.register(t, ex["email"], ex["password"]), 201, nil)
+		checkJSON(t, ts.login(t, ex["email"], ex["password"]), 200, nil)
+	}
+}
+
 // TestOpenAPIServed: /openapi.json serves the repository's file, byte for
 // byte, as JSON; /docs serves a page that draws it with Swagger UI.
 func TestOpenAPIServed(t *testing.T) {
@@ -1556,6 +1660,10 @@ func TestVerifyAccessToken(t *testing.T) {
 		{"alg missing", forge(`{"typ":"JWT"}`, claims(""), key), false},
 		{"alg a number", forge(`{"alg":256}`, claims(""), key), false},
 		{"alg in another key case", forge(`{"ALG":"HS256"}`, claims(""), key), false},
+		{"alg named twice, the last HS256", forge(`{"alg":"none","alg":"HS256"}`, claims(""), key), false},
+		{"alg named twice, both HS256", forge(`{"alg":"HS256","alg":"HS256"}`, claims(""), key), false},
+		{"typ named twice", forge(`{"alg":"HS256","typ":"JWT","typ":"JWT"}`, claims(""), key), false},
+		{"header not UTF-8", forge("{\"alg\":\"HS256\",\"x\":\"\xff\"}", claims(""), key), false},
 		{"alg an array", forge(`{"alg":["HS256"]}`, claims(""), key), false},
 		{"typ not JWT", forge(`{"alg":"HS256","typ":"JWS"}`, claims(""), key), false},
 		{"typ null", forge(`{"alg":"HS256","typ":null}`, claims(""), key), false},
@@ -1577,6 +1685,10 @@ func TestVerifyAccessToken(t *testing.T) {
 		{"exp 0", forge(hdr, `{"sub":"a","exp":0}`, key), false},
 		{"exp out of range", forge(hdr, `{"sub":"a","exp":1e999}`, key), false},
 		{"exp in another key case", forge(hdr, fmt.Sprintf(`{"sub":"a","EXP":%d}`, testStart+1800), key), false},
+		{"exp named twice", forge(hdr, fmt.Sprintf(`{"sub":"a","exp":%d,"exp":%d}`, testStart-1, testStart+1800), key), false},
+		{"sub named twice", forge(hdr, fmt.Sprintf(`{"sub":"ann@example.com","sub":"bob@example.com","exp":%d}`, testStart+1800), key), false},
+		{"sub named twice, once escaped", forge(hdr, fmt.Sprintf(`{"sub":"a","s\u0075b":"b","exp":%d}`, testStart+1800), key), false},
+		{"claims not UTF-8", forge(hdr, fmt.Sprintf("{\"sub\":\"\xffa\",\"exp\":%d}", testStart+1800), key), false},
 		{"nbf a second ahead", forge(hdr, claims(fmt.Sprintf(`,"nbf":%d`, testStart+1)), key), false},
 		{"nbf a string", forge(hdr, claims(`,"nbf":"1"`), key), false},
 		{"nbf null", forge(hdr, claims(`,"nbf":null`), key), false},
@@ -2191,8 +2303,32 @@ func TestHTTPServerLimits(t *testing.T) {
 			t.Errorf("%s = %v, want %v", l.name, l.got, l.want)
 		}
 	}
-	if srv.MaxHeaderBytes != 16<<10 {
-		t.Errorf("MaxHeaderBytes = %d, want 16 KiB", srv.MaxHeaderBytes)
+
+	// The request line and headers may take 16 KiB in all, and not a byte
+	// more: Go reads 4 KiB past MaxHeaderBytes.
+	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	for size, want := range map[int]int{16 << 10: 204, 16<<10 + 1: 431} {
+		head := "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Padding: "
+		head += strings.Repeat("p", size-len(head)-len("\r\n\r\n")) + "\r\n\r\n"
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(conn, head)
+		res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		conn.Close()
+		if err != nil {
+			t.Fatalf("request line and headers of %d bytes: %v", len(head), err)
+		}
+		if res.StatusCode != want {
+			t.Errorf("request line and headers of %d bytes: status %d, want %d", len(head), res.StatusCode, want)
+		}
 	}
 }
 

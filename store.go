@@ -39,10 +39,16 @@ type User struct {
 	PasswordHash string `json:"password_hash"`
 }
 
-// normalizeEmail trims the surrounding spaces and lower-cases the email, so
-// that " Ann@Example.com" and "ann@example.com" are one account.
+// normalizeEmail trims the surrounding spaces and lower-cases the ASCII
+// letters, so that " Ann@Example.com" and "ann@example.com" are one
+// account. Only ASCII: Unicode's rules would make the Kelvin sign a k.
 func normalizeEmail(email string) string {
-	return strings.ToLower(strings.TrimSpace(email))
+	return strings.Map(func(r rune) rune {
+		if 'A' <= r && r <= 'Z' {
+			return r + ('a' - 'A')
+		}
+		return r
+	}, strings.Trim(email, " \t\r\n"))
 }
 
 // errEmailTaken is returned by add when the email is already registered.
