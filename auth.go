@@ -14,6 +14,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/mail"
 	"runtime"
 	"strings"
@@ -53,20 +54,32 @@ type accounts struct {
 	dummyHash string // compared for an unknown email, so that it takes as long as a wrong password
 
 	// The defenses around the chapter's functions.
-	limiter *loginLimiter
-	cpus    *cpuSlots
+	limiter      *loginLimiter
+	cpus         *cpuSlots
+	failureFloor time.Duration                        // how long every failed login takes, at least
+	now          func() time.Time                     // the clock that times a login
+	wait         func(context.Context, time.Duration) // waits out the failure floor
+	logger       *slog.Logger
 }
 
 // newAccounts returns accounts over users, hashing new passwords at cost,
 // throttling failed logins with limiter and running bcrypt in cpus.
-func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int) (*accounts, error) {
-	// As costly as the costliest stored hash: a users file made elsewhere
-	// may hold costlier hashes than ours.
-	dummyHash, err := hashPassword(rand.Text(), max(cost, users.costliestHash()))
+func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int, logger *slog.Logger) (*accounts, error) {
+	// The failure floor is one comparison with the costliest hash there is.
+	// Making a hash takes as long as comparing with one of its cost.
+	start := time.Now()
+	dummyHash, err := hashPassword(rand.Text(), cost)
 	if err != nil {
 		return nil, fmt.Errorf("make dummy hash: %w", err)
 	}
-	return &accounts{users: users, cost: cost, dummyHash: dummyHash, limiter: limiter, cpus: cpus}, nil
+	floor := time.Since(start)
+	if costliest := users.costliestHash(); hashCost(costliest) > cost {
+		start = time.Now()
+		verifyPassword(rand.Text(), costliest)
+		floor = time.Since(start)
+	}
+	return &accounts{users: users, cost: cost, dummyHash: dummyHash,
+		limiter: limiter, cpus: cpus, failureFloor: floor, now: time.Now, wait: sleep, logger: logger}, nil
 }
 
 // authenticateUser returns the user whose normalised email and password
@@ -103,13 +116,42 @@ func (a *accounts) login(ctx context.Context, client, email, password string) (U
 		a.limiter.cancel(client, email) // the password was not checked
 		return User{}, err
 	}
+	start := a.now()
 	u, err := a.authenticateUser(email, password)
 	a.cpus.release()
 	if err != nil {
+		// As long as a comparison with the costliest stored hash, whatever
+		// this one's cost: a users file made elsewhere may mix costs, and a
+		// cheaper hash answering sooner would tell that its email is
+		// registered. Waited out of the CPU slot, so the CPUs work on.
+		a.wait(ctx, a.failureFloor-a.now().Sub(start))
 		return User{}, err
 	}
 	a.limiter.succeeded(client, email)
+	a.rehash(ctx, u, password)
 	return u, nil
+}
+
+// rehash stores the password's hash anew at the server's cost if the
+// user's is cheaper, as passlib's verify_and_update does, so that old
+// hashes grow as costly as new ones. If it cannot, the old hash stays, and
+// still works.
+func (a *accounts) rehash(ctx context.Context, u User, password string) {
+	if hashCost(u.PasswordHash) >= a.cost {
+		return
+	}
+	err := a.cpus.acquire(ctx)
+	if err == nil {
+		var hash string
+		hash, err = hashPassword(password, a.cost)
+		a.cpus.release()
+		if err == nil {
+			err = a.users.setHash(ctx, u.Email, hash)
+		}
+	}
+	if err != nil {
+		a.logger.Warn("password not rehashed at the server's cost; the old hash stays", "user", u.ID, "err", err)
+	}
 }
 
 // register creates a user: the rules, hashPassword in a CPU slot, then the
@@ -135,7 +177,7 @@ func (a *accounts) register(ctx context.Context, email, password string) (User, 
 	if err != nil {
 		return User{}, err
 	}
-	return a.users.add(email, hash)
+	return a.users.add(ctx, email, hash)
 }
 
 // The rules for what a user registers with.
@@ -230,6 +272,16 @@ func (c *cpuSlots) acquire(ctx context.Context) error {
 }
 
 func (c *cpuSlots) release() { <-c.slots }
+
+// sleep waits for d, or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+}
 
 // Throttling of failed logins.
 const (

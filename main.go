@@ -76,14 +76,26 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return err
 	}
-	users, err := openStore(*usersPath, logger)
-	if err != nil {
-		return err
-	}
-	limiter := newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now)
-	accts, err := newAccounts(users, limiter, newCPUSlots(), bcrypt.DefaultCost)
-	if err != nil {
-		return err
+	// Loading a large users file and timing its costliest hash take a
+	// while; a signal meanwhile stops the program at once.
+	var accts *accounts
+	loaded := make(chan error, 1)
+	go func() {
+		users, err := openStore(*usersPath, logger)
+		if err == nil {
+			limiter := newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now)
+			accts, err = newAccounts(users, limiter, newCPUSlots(), bcrypt.DefaultCost, logger)
+		}
+		loaded <- err
+	}()
+	select {
+	case err := <-loaded:
+		if err != nil {
+			return err
+		}
+	case <-ctx.Done():
+		logger.Info("stopped while starting")
+		return nil
 	}
 
 	srv := newHTTPServer(newServer(logger, accts, secret, time.Now), logger)
@@ -443,7 +455,7 @@ func writeAccountsError(w http.ResponseWriter, logger *slog.Logger, err error) {
 	case errors.As(err, &throttled):
 		w.Header().Set("Retry-After", strconv.Itoa(int(throttled.retryAfter/time.Second)))
 		writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
-	case errors.Is(err, errServerBusy):
+	case errors.Is(err, errServerBusy), errors.Is(err, errStoreBusy):
 		w.Header().Set("Retry-After", "1")
 		writeError(w, http.StatusServiceUnavailable, "Server busy, try again later")
 	default: // the disk failed: the log says how; the client must not

@@ -145,7 +145,7 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 	}
 	clock := newFakeClock()
 	limiter := newLoginLimiter(limit(cfg.maxPerAccount, 5), limit(cfg.maxPerAddress, 100), clock.now)
-	accts, err := newAccounts(users, limiter, cpus, cfg.cost)
+	accts, err := newAccounts(users, limiter, cpus, cfg.cost, cfg.logger)
 	if err != nil {
 		tb.Fatalf("newAccounts: %v", err)
 	}
@@ -668,40 +668,135 @@ func TestLoginFailuresAlike(t *testing.T) {
 	}
 }
 
-// TestDummyHashCost: a login for an unknown email runs bcrypt at the cost
-// of the costliest hash in the store, and at least at the cost new hashes
-// get. A users file made elsewhere may hold costlier hashes (passlib's
-// default is 12) than ours.
+// TestDummyHashCost: an unknown email is compared with a dummy hash at the
+// cost new hashes get, whatever the stored costs; the failure floor (next
+// test) evens out costlier stored hashes.
 func TestDummyHashCost(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users.json")
+	hash, _ := hashPassword(testPassword, bcrypt.MinCost+2)
+	os.WriteFile(path, storeFileBytes(storeFile{NextID: 2, Users: []User{{1, "old@example.com", hash}}}), 0o600)
+	accts := newTestServer(t, serverConfig{usersPath: path, cost: bcrypt.MinCost + 1}).accts
+	if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != bcrypt.MinCost+1 {
+		t.Errorf("dummy hash cost = %d, %v; want %d", got, err, bcrypt.MinCost+1)
+	}
+	u, err := accts.register(context.Background(), testEmail, testPassword)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := bcrypt.Cost([]byte(u.PasswordHash)); got != bcrypt.MinCost+1 {
+		t.Errorf("new user's hash cost = %d, want %d", got, bcrypt.MinCost+1)
+	}
+}
+
+// TestFailureFloor: every kind of failed login waits out what is left of
+// the failure floor after its bcrypt run, holding no CPU slot; a success, a
+// throttled login and a busy one do not wait. The clock and the wait are
+// the test's: each reading of the clock is 10 ms after the one before.
+func TestFailureFloor(t *testing.T) {
+	ts := newTestServer(t, serverConfig{maxPerAccount: 4, cpus: 1, maxCPUWait: 10 * time.Millisecond})
+	ts.register(t, testEmail, testPassword)
+	ts.accts.failureFloor = 300 * time.Millisecond
+	ts.accts.now = func() time.Time { ts.clock.advance(10 * time.Millisecond); return ts.clock.now() }
+	var waits []time.Duration
+	ts.accts.wait = func(ctx context.Context, d time.Duration) {
+		if n := len(ts.accts.cpus.slots); n != 0 {
+			t.Errorf("waiting while %d CPU slot is held", n)
+		}
+		waits = append(waits, d)
+	}
 	tests := []struct {
-		name             string
-		cost, storedCost int // storedCost 0: no users
-		want             int
+		name   string
+		req    request
+		status int
+		waits  bool
 	}{
-		{"no users", bcrypt.MinCost, 0, bcrypt.MinCost},
-		{"no users, another cost", bcrypt.MinCost + 1, 0, bcrypt.MinCost + 1},
-		{"a costlier stored hash", bcrypt.MinCost, bcrypt.MinCost + 2, bcrypt.MinCost + 2},
-		{"a cheaper stored hash", bcrypt.MinCost + 1, bcrypt.MinCost, bcrypt.MinCost + 1},
+		{"right password", postJSON("/login", credentialsJSON(testEmail, testPassword)), 200, false},
+		{"unknown email", postJSON("/login", credentialsJSON("nobody@example.com", testPassword)), 401, true},
+		{"wrong password", postJSON("/login", credentialsJSON(testEmail, "not the password")), 401, true},
+		{"a password over 72 bytes", postJSON("/login", credentialsJSON(testEmail, strings.Repeat("p", 73))), 401, true},
+		{"wrong password, in a form", postForm("/login", "username=ann%40example.com&password=nope"), 401, true},
+		{"the fourth failure for the email", postJSON("/login", credentialsJSON(testEmail, "not the password")), 401, true},
+		{"throttled", postJSON("/login", credentialsJSON(testEmail, "not the password")), 429, false},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "users.json")
-			if tt.storedCost != 0 {
-				hash, _ := hashPassword(testPassword, tt.storedCost)
-				os.WriteFile(path, storeFileBytes(storeFile{NextID: 2, Users: []User{{1, "old@example.com", hash}}}), 0o600)
+		waits = nil
+		if w := ts.do(t, tt.req); w.Code != tt.status {
+			t.Errorf("%s: status %d, want %d", tt.name, w.Code, tt.status)
+		}
+		want := []time.Duration(nil)
+		if tt.waits {
+			want = []time.Duration{290 * time.Millisecond} // the floor less the 10 ms bcrypt took
+		}
+		if !slices.Equal(waits, want) {
+			t.Errorf("%s: waited %v, want %v", tt.name, waits, want)
+		}
+	}
+	waits = nil
+	defer holdCPUs(t, ts, 1)()
+	if w := ts.do(t, postJSON("/login", credentialsJSON("bob@example.com", "x"))); w.Code != 503 || waits != nil {
+		t.Errorf("busy: status %d, waited %v; want 503 and no wait", w.Code, waits)
+	}
+}
+
+// TestFailureFloorMeasured: the floor is one comparison with the costliest
+// hash there is, here a stored one 32 times as costly as the server's own.
+// (Compared with a cheap comparison, so a slow machine slows both alike.)
+func TestFailureFloorMeasured(t *testing.T) {
+	cheap, _ := hashPassword(testPassword, bcrypt.MinCost)
+	costly, _ := hashPassword(testPassword, bcrypt.MinCost+5)
+	path := filepath.Join(t.TempDir(), "users.json")
+	os.WriteFile(path, storeFileBytes(storeFile{NextID: 3, Users: []User{{1, "cheap@example.com", cheap}, {2, "costly@example.com", costly}}}), 0o600)
+	accts := newTestServer(t, serverConfig{usersPath: path}).accts
+	comparison := time.Hour
+	for range 5 {
+		start := time.Now()
+		verifyPassword("a wrong password", cheap)
+		comparison = min(comparison, time.Since(start))
+	}
+	if accts.failureFloor < 8*comparison {
+		t.Errorf("failure floor = %v, a comparison at the server's cost %v: want a comparison with the cost-%d hash, 32 times as long", accts.failureFloor, comparison, bcrypt.MinCost+5)
+	}
+}
+
+// TestRehashOnLogin: a successful login whose stored hash is cheaper than
+// the server's cost stores a new hash at the server's cost before it
+// answers; a costlier hash is kept. If the new hash cannot be written, the
+// login still succeeds, and the old hash stays.
+func TestRehashOnLogin(t *testing.T) {
+	cheap, _ := hashPassword(testPassword, bcrypt.MinCost)
+	costly, _ := hashPassword(testPassword, bcrypt.MinCost+2)
+	path := filepath.Join(t.TempDir(), "users.json")
+	os.WriteFile(path, storeFileBytes(storeFile{NextID: 4, Users: []User{
+		{1, "cheap@example.com", cheap}, {2, "costly@example.com", costly}, {3, "cheap2@example.com", cheap},
+	}}), 0o600)
+	var log syncBuffer
+	ts := newTestServer(t, serverConfig{usersPath: path, cost: bcrypt.MinCost + 1, logger: slog.New(slog.NewTextHandler(&log, nil))})
+	stored := func(email string) string {
+		for _, u := range readStoreFile(t, path).Users {
+			if u.Email == email {
+				return u.PasswordHash
 			}
-			accts := newTestServer(t, serverConfig{usersPath: path, cost: tt.cost}).accts
-			if got, err := bcrypt.Cost([]byte(accts.dummyHash)); err != nil || got != tt.want {
-				t.Errorf("dummy hash cost = %d, %v; want %d", got, err, tt.want)
-			}
-			u, err := accts.register(context.Background(), testEmail, testPassword)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got, _ := bcrypt.Cost([]byte(u.PasswordHash)); got != tt.cost {
-				t.Errorf("new user's hash cost = %d, want %d", got, tt.cost)
-			}
-		})
+		}
+		return ""
+	}
+	checkJSON(t, ts.login(t, "cheap@example.com", testPassword), 200, nil)
+	rehashed := stored("cheap@example.com")
+	if cost, _ := bcrypt.Cost([]byte(rehashed)); cost != bcrypt.MinCost+1 || !verifyPassword(testPassword, rehashed) {
+		t.Errorf("after one login, the cheap hash has cost %d (matching: %v); want the server's %d", cost, verifyPassword(testPassword, rehashed), bcrypt.MinCost+1)
+	}
+	if u, _ := ts.users.lookup("cheap@example.com"); u.PasswordHash != rehashed {
+		t.Error("memory does not hold the file's new hash")
+	}
+	checkJSON(t, ts.login(t, "cheap@example.com", testPassword), 200, nil)
+	checkJSON(t, ts.login(t, "costly@example.com", testPassword), 200, nil)
+	if stored("cheap@example.com") != rehashed || stored("costly@example.com") != costly {
+		t.Error("a hash at or above the server's cost was hashed again")
+	}
+
+	os.Chtimes(path, time.Now(), time.Now().Add(time.Second)) // a hand edit: nothing may be written now
+	checkJSON(t, ts.login(t, "cheap2@example.com", testPassword), 200, nil)
+	if stored("cheap2@example.com") != cheap || !strings.Contains(log.String(), "not rehashed") {
+		t.Errorf("a rehash that could not be written: file holds %q; log:\n%s", stored("cheap2@example.com"), log.String())
 	}
 }
 
@@ -756,8 +851,8 @@ func TestCrossOriginRefused(t *testing.T) {
 	}
 }
 
-// TestUnknownEmailCostsOneComparison checks that a login for an unknown
-// email takes as long as one with a wrong password: it runs bcrypt too. The
+// TestUnknownEmailCostsOneComparison checks that authenticateUser, for an
+// unknown email, takes as long as for a wrong password: it runs bcrypt too. The
 // two are compared with each other, at a cost where bcrypt takes some
 // milliseconds, so a slow machine slows both alike.
 func TestUnknownEmailCostsOneComparison(t *testing.T) {
@@ -769,8 +864,8 @@ func TestUnknownEmailCostsOneComparison(t *testing.T) {
 		best := time.Hour
 		for range 5 {
 			start := time.Now()
-			if _, err := accts.login(context.Background(), testClient, email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
-				t.Fatalf("login(%s) = %v", email, err)
+			if _, err := accts.authenticateUser(email, "a wrong password"); !errors.Is(err, errInvalidCredentials) {
+				t.Fatalf("authenticateUser(%s) = %v", email, err)
 			}
 			best = min(best, time.Since(start))
 		}
@@ -1941,6 +2036,10 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 		{"next_id not above ids", `{"next_id":2,"users":[` + user(1, "ann@example.com") + `,` + user(2, "bob@example.com") + `]}`},
 		{"not a bcrypt hash", `{"next_id":2,"users":[{"id":1,"email":"ann@example.com","password_hash":"secret"}]}`},
 		{"id a string", `{"next_id":2,"users":[{"id":"1","email":"ann@example.com","password_hash":"x"}]}`},
+		{"id of 2^53", `{"users":[` + user(1<<53, "ann@example.com") + `]}`},
+		{"next_id of 2^53", `{"next_id":9007199254740992,"users":[]}`},
+		{"next_id that an int64 only just holds", `{"next_id":9223372036854775807,"users":[]}`},
+		{"next_id beyond an int64", `{"next_id":9223372036854775808,"users":[]}`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1973,11 +2072,22 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 			if err != nil {
 				t.Fatalf("openStore = %v, want it accepted", err)
 			}
-			if u, err := s.add("new@example.com", hash); err != nil || u.ID != tt.nextID {
+			if u, err := s.add(context.Background(), "new@example.com", hash); err != nil || u.ID != tt.nextID {
 				t.Errorf("next user = %+v, %v; want id %d", u, err, tt.nextID)
 			}
 		})
 	}
+	t.Run("next_id of 2^53-1: loaded, no id left to give", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "users.json")
+		os.WriteFile(path, []byte(`{"next_id":9007199254740991,"users":[]}`), 0o600)
+		s, err := openStore(path, discardLog)
+		if err != nil {
+			t.Fatalf("openStore = %v, want it accepted", err)
+		}
+		if u, err := s.add(context.Background(), "new@example.com", hash); err == nil || !strings.Contains(err.Error(), "2^53") {
+			t.Errorf("add = %+v, %v; want an error: the next next_id would be 2^53", u, err)
+		}
+	})
 	t.Run("valid control", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "users.json")
 		os.WriteFile(path, []byte(valid), 0o600)
@@ -1989,6 +2099,88 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 			t.Errorf("lookup(bob) = %+v, %v", u, ok)
 		}
 	})
+}
+
+// TestStoreRefusesCostlyHash: a stored hash above cost 14 stops the server
+// at start with an error naming its user: one comparison would take over a
+// second, and every failed login as long. Cost 14 loads. (The hashes are
+// made by changing a cheap one's cost digits: parsing them costs nothing.)
+func TestStoreRefusesCostlyHash(t *testing.T) {
+	hash, _ := hashPassword(testPassword, bcrypt.MinCost)
+	for cost, refused := range map[int]bool{14: false, 15: true, 31: true} {
+		costly := strings.Replace(hash, fmt.Sprintf("$%02d$", bcrypt.MinCost), fmt.Sprintf("$%02d$", cost), 1)
+		path := filepath.Join(t.TempDir(), "users.json")
+		os.WriteFile(path, storeFileBytes(storeFile{NextID: 3, Users: []User{{1, testEmail, hash}, {2, "bob@example.com", costly}}}), 0o600)
+		_, err := openStore(path, discardLog)
+		if refused && (err == nil || !strings.Contains(err.Error(), "bob@example.com") || !strings.Contains(err.Error(), fmt.Sprint(cost))) {
+			t.Errorf("cost %d: openStore = %v, want an error naming bob@example.com and the cost", cost, err)
+		}
+		if !refused && err != nil {
+			t.Errorf("cost %d: openStore = %v, want it loaded", cost, err)
+		}
+	}
+}
+
+// TestStoreSymlink: a users file that is a symbolic link, here to a file
+// not made yet, is written through to its target, and stays a link.
+func TestStoreSymlink(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "data"), 0o700)
+	link := filepath.Join(dir, "users.json")
+	if err := os.Symlink(filepath.Join("data", "real.json"), link); err != nil {
+		t.Fatal(err)
+	}
+	ts := newTestServer(t, serverConfig{usersPath: link})
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
+	checkJSON(t, ts.register(t, "bob@example.com", testPassword), 201, nil)
+	if info, err := os.Lstat(link); err != nil || info.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("users file is no longer a link: %v, %v", info.Mode(), err)
+	}
+	if f := readStoreFile(t, filepath.Join(dir, "data", "real.json")); len(f.Users) != 2 {
+		t.Errorf("link's target holds %+v, want both users", f)
+	}
+	checkJSON(t, newTestServer(t, serverConfig{usersPath: link}).login(t, "bob@example.com", testPassword), 200, nil)
+}
+
+// TestRegisterWriteBusy: a registration that cannot start its file write
+// within the bound, because another write holds the file, answers 503 with
+// Retry-After and is not stored; once the file is free, it can be.
+func TestRegisterWriteBusy(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	ts.users.maxWriteWait = 20 * time.Millisecond
+	if err := ts.users.lockWrites(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	w := ts.register(t, testEmail, testPassword)
+	checkJSON(t, w, 503, map[string]any{"detail": "Server busy, try again later"})
+	checkHeaders(t, w, "Retry-After", "1")
+	if waited := time.Since(start); waited < 20*time.Millisecond {
+		t.Errorf("answered after %v, before the bound of 20ms", waited)
+	}
+	ts.users.unlockWrites()
+	if _, err := os.Stat(ts.path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("users file written for a registration answered 503: %v", err)
+	}
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
+}
+
+// TestRegisterClientGaveUp: a client that gives up while its registration
+// is being written, here just before the rename, is not registered after
+// all: nothing is stored that its client did not hear of.
+func TestRegisterClientGaveUp(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
+	before := snapshot(t, filepath.Dir(ts.path))
+	ctx, cancel := context.WithCancel(context.Background())
+	real := ts.users.disk.sync
+	ts.users.disk.sync = func(f *os.File) error { cancel(); return real(f) }
+	if _, err := ts.accts.register(ctx, "bob@example.com", testPassword); !errors.Is(err, errStoreBusy) {
+		t.Errorf("register = %v, want errStoreBusy", err)
+	}
+	if _, found := ts.users.lookup("bob@example.com"); found || snapshot(t, filepath.Dir(ts.path)) != before {
+		t.Error("a registration whose client gave up was stored")
+	}
 }
 
 // watchDisk wraps the store's disk steps: it records each one, as "sync
@@ -2116,6 +2308,7 @@ func TestStoreHandEdits(t *testing.T) {
 			os.WriteFile(path, bytes.Replace(data, []byte("bob@"), []byte("rob@"), 1), 0o600)
 		}},
 		{"file removed", func(t *testing.T, path string) { os.Remove(path) }},
+		{"an editor's save: a new file renamed over it", editorSave},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -2139,6 +2332,30 @@ func TestStoreHandEdits(t *testing.T) {
 			checkJSON(t, newTestServer(t, serverConfig{usersPath: ts.path}).register(t, "cat@example.com", testPassword), 201, nil)
 		})
 	}
+	t.Run("an editor's save at the last moment before the rename", func(t *testing.T) {
+		ts := newTestServer(t, serverConfig{})
+		checkJSON(t, ts.register(t, testEmail, testPassword), 201, nil)
+		real := ts.users.disk.sync
+		ts.users.disk.sync = func(f *os.File) error {
+			err := real(f)
+			if strings.Contains(f.Name(), ".tmp-") { // the new file is written and synced
+				editorSave(t, ts.path)
+			}
+			return err
+		}
+		edited := ""
+		ts.users.disk.rename = func(oldpath, newpath string) error {
+			edited = snapshot(t, filepath.Dir(ts.path))
+			return os.Rename(oldpath, newpath)
+		}
+		checkJSON(t, ts.register(t, "bob@example.com", testPassword), 500, nil)
+		if edited != "" {
+			t.Error("the write went on to its rename after the file was changed")
+		}
+		if f := readStoreFile(t, ts.path); len(f.Users) != 1 || f.Users[0].Email != "edited@example.com" {
+			t.Errorf("users file = %+v, want the editor's", f)
+		}
+	})
 	t.Run("file made where there was none", func(t *testing.T) {
 		ts := newTestServer(t, serverConfig{})
 		os.WriteFile(ts.path, []byte(`{"users": []}`), 0o600)
@@ -2147,6 +2364,20 @@ func TestStoreHandEdits(t *testing.T) {
 			t.Errorf("file = %s, want it as made by hand", got)
 		}
 	})
+}
+
+// editorSave changes the users file as an editor saves it: it writes a new
+// file beside it and renames that over it.
+func editorSave(t *testing.T, path string) {
+	t.Helper()
+	f := readStoreFile(t, path)
+	f.Users[0].Email = "edited@example.com"
+	if err := os.WriteFile(path+".edit", storeFileBytes(f), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".edit", path); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestStoreFileModeWarning: a users file that others may read is loaded,
@@ -2512,6 +2743,35 @@ func TestRunStopsOnSIGTERM(t *testing.T) {
 	waitRun(t, done)
 }
 
+// TestRunStopsWhileStarting cancels run while it is still loading the users
+// file, here a named pipe that nobody writes, so loading never ends: run
+// returns nil at once, as on SIGINT or SIGTERM.
+func TestRunStopsWhileStarting(t *testing.T) {
+	t.Parallel()
+	pipe := filepath.Join(t.TempDir(), "users.json")
+	if err := syscall.Mkfifo(pipe, 0o600); err != nil {
+		t.Skipf("no named pipes here: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-addr", "127.0.0.1:0", "-users", pipe}, envOf(map[string]string{"JWT_SECRET": testSecret}), io.Discard)
+	}()
+	time.Sleep(50 * time.Millisecond) // run is now blocked opening the pipe
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run = %v, want nil", err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("run did not return within a second of its context's end")
+	}
+	if w, err := os.OpenFile(pipe, os.O_WRONLY, 0); err == nil { // let the loading end
+		w.Close()
+	}
+}
+
 func TestRunWithoutSecretWarns(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -2866,7 +3126,7 @@ func BenchmarkRegisterWrite(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				i++
-				if _, err := users.add(fmt.Sprintf("new%d@example.com", i), benchHash); err != nil {
+				if _, err := users.add(context.Background(), fmt.Sprintf("new%d@example.com", i), benchHash); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -2891,7 +3151,7 @@ func BenchmarkUsersMeDuringRegistrations(b *testing.B) {
 				return
 			default:
 			}
-			if _, err := ts.users.add(fmt.Sprintf("writer%d@example.com", i), benchHash); err != nil {
+			if _, err := ts.users.add(context.Background(), fmt.Sprintf("writer%d@example.com", i), benchHash); err != nil {
 				panic(err)
 			}
 		}

@@ -17,7 +17,7 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"crypto/sha256"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,8 +25,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -61,28 +63,42 @@ type storeFile struct {
 	Users  []User `json:"users"`
 }
 
+// What a users file may hold, and how long a change waits for its turn.
+const (
+	idLimit       = 1 << 53 // ids and next_id stay below it, so that every JSON client reads them exactly
+	maxStoredCost = 14      // a comparison takes about a second; each step of cost doubles it
+	maxWriteWait  = 2 * time.Second
+)
+
+// errStoreBusy refuses a change that did not get its turn to write the
+// users file within maxWriteWait, or whose caller gave up first. Nothing
+// was changed, so trying again can succeed.
+var errStoreBusy = errors.New("users file busy: other changes are being written")
+
 // store is the set of registered users. Create one with openStore.
 type store struct {
-	path string
-	disk diskSteps
+	path         string // the users file, as named
+	file         string // the file written: path, or the one a link at path points to
+	disk         diskSteps
+	maxWriteWait time.Duration
 
-	// writeMu is held by a change from start to end, disk write included, so
-	// changes happen one at a time. Readers never take it. It also guards
-	// the fields up to mu, which only changes use.
-	writeMu sync.Mutex
+	// writing holds a token while a change is made, disk write included,
+	// so that changes happen one at a time; readers never take it. It also
+	// guards the fields up to mu, which only changes use.
+	writing chan struct{}
 	users   []User // every user, in the file's order
 	nextID  int64
-	fileSum string // the SHA-256 of the file as last read or written; "" for no file
+	written os.FileInfo // the file as last read or written; nil for none
 
 	// mu guards byEmail. Readers hold it for a map lookup; a change holds it
-	// only to add a user whose file is already on disk.
+	// only to put in a user whose file is already on disk.
 	mu      sync.RWMutex
 	byEmail map[string]User // key: the user's normalised email
 }
 
 // diskSteps are the two steps of a write that make it durable and visible.
 // They are fields, set by openStore to the real ones, so that a test can
-// watch their order or make one fail.
+// watch their order, make one fail, or act between them.
 type diskSteps struct {
 	sync   func(*os.File) error // flush a file, or a folder, to the disk
 	rename func(oldpath, newpath string) error
@@ -94,43 +110,75 @@ type diskSteps struct {
 // the file is left as it is. A file others may read is loaded with a
 // warning.
 func openStore(path string, logger *slog.Logger) (*store, error) {
-	s := &store{
-		path:    path,
-		disk:    diskSteps{sync: (*os.File).Sync, rename: os.Rename},
-		byEmail: make(map[string]User),
-		nextID:  1,
+	file, err := followLinks(path)
+	if err != nil {
+		return nil, err
 	}
-	data, err := os.ReadFile(path)
+	s := &store{
+		path:         path,
+		file:         file,
+		disk:         diskSteps{sync: (*os.File).Sync, rename: os.Rename},
+		maxWriteWait: maxWriteWait,
+		writing:      make(chan struct{}, 1),
+		nextID:       1,
+		byEmail:      make(map[string]User),
+	}
+	f, err := os.Open(file)
 	if errors.Is(err, os.ErrNotExist) {
 		// Said now rather than at the first registration's 500.
-		if info, err := os.Stat(filepath.Dir(path)); err != nil || !info.IsDir() {
+		if info, err := os.Stat(filepath.Dir(file)); err != nil || !info.IsDir() {
 			return nil, fmt.Errorf("users file %s cannot be created: its folder does not exist", path)
 		}
 		return s, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read users file: %w", err)
+		return nil, fmt.Errorf("open users file: %w", err)
 	}
-	var f storeFile
-	if err := decodeStoreFile(data, &f); err != nil {
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("read users file %s: %w", path, err)
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("read users file %s: %w", path, err)
+	}
+	var sf storeFile
+	if err := decodeStoreFile(data, &sf); err != nil {
 		return nil, fmt.Errorf("users file %s is not a valid users file (it was left untouched): %w", path, err)
 	}
-	if info, err := os.Stat(path); err == nil && info.Mode().Perm()&0o077 != 0 {
+	if info.Mode().Perm()&0o077 != 0 {
 		logger.Warn("users file can be read by other users of this machine; chmod 600 it",
 			"file", path, "mode", info.Mode().Perm())
 	}
-	for _, u := range f.Users {
+	for _, u := range sf.Users {
 		s.byEmail[u.Email] = u
 	}
-	sum := sha256.Sum256(data)
-	s.users, s.nextID, s.fileSum = f.Users, f.NextID, string(sum[:])
+	s.users, s.nextID, s.written = sf.Users, sf.NextID, info
 	return s, nil
 }
 
+// followLinks returns the file that path names: path itself, or, if path
+// is a symbolic link, the file at the end of its links, made or not. A
+// write replaces that file and leaves the links as they are.
+func followLinks(path string) (string, error) {
+	for range 40 { // as many links as Linux follows
+		target, err := os.Readlink(path)
+		if err != nil { // not a link
+			return path, nil
+		}
+		if !filepath.IsAbs(target) {
+			target = filepath.Join(filepath.Dir(path), target)
+		}
+		path = target
+	}
+	return "", fmt.Errorf("users file %s: too many symbolic links", path)
+}
+
 // decodeStoreFile parses and checks a users file: one JSON object, no
-// unknown fields (a later write would drop them), ids positive and unique,
-// emails normalised and unique, every hash a bcrypt hash, and next_id, if
-// given, above every id.
+// unknown fields (a later write would drop them), ids positive, unique and
+// below 2^53, emails normalised and unique, every hash a bcrypt hash of a
+// cost the server can bear, and next_id, if given, above every id.
 func decodeStoreFile(data []byte, f *storeFile) error {
 	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
 		return errors.New("not a JSON object")
@@ -148,8 +196,8 @@ func decodeStoreFile(data []byte, f *storeFile) error {
 	var maxID int64
 	for i, u := range f.Users {
 		switch {
-		case u.ID < 1:
-			return fmt.Errorf("user %d: id %d is not positive", i, u.ID)
+		case u.ID < 1 || u.ID >= idLimit:
+			return fmt.Errorf("user %d: id %d is not between 1 and 2^53", i, u.ID)
 		case ids[u.ID]:
 			return fmt.Errorf("user %d: duplicate id %d", i, u.ID)
 		case u.Email == "" || u.Email != normalizeEmail(u.Email):
@@ -157,17 +205,25 @@ func decodeStoreFile(data []byte, f *storeFile) error {
 		case emails[u.Email]:
 			return fmt.Errorf("user %d: duplicate email %q", i, u.Email)
 		}
-		if _, err := bcrypt.Cost([]byte(u.PasswordHash)); err != nil {
-			return fmt.Errorf("user %d: password_hash is not a bcrypt hash: %w", i, err)
+		cost, err := bcrypt.Cost([]byte(u.PasswordHash))
+		if err != nil {
+			return fmt.Errorf("user %d (%s): password_hash is not a bcrypt hash: %w", i, u.Email, err)
+		}
+		if cost > maxStoredCost {
+			// Every failed login takes as long as the costliest comparison.
+			return fmt.Errorf("user %d (%s): bcrypt cost %d is above %d: one comparison would take over a second, and so would every failed login", i, u.Email, cost, maxStoredCost)
 		}
 		ids[u.ID], emails[u.Email] = true, true
 		maxID = max(maxID, u.ID)
 	}
-	switch {
-	case f.NextID == 0: // not given, as in a file written by hand
+	if f.NextID == 0 { // not given, as in a file written by hand
 		f.NextID = maxID + 1
+	}
+	switch {
 	case f.NextID <= maxID:
 		return fmt.Errorf("next_id %d is not above the largest id %d", f.NextID, maxID)
+	case f.NextID >= idLimit:
+		return fmt.Errorf("next_id %d is not below 2^53", f.NextID)
 	}
 	return nil
 }
@@ -181,76 +237,170 @@ func (s *store) lookup(email string) (User, bool) {
 	return u, ok
 }
 
-// costliestHash returns the highest bcrypt cost among the stored hashes, or
-// 0 if there are none.
-func (s *store) costliestHash() int {
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
-	highest := 0
+// costliestHash returns the stored hash of the highest bcrypt cost, or ""
+// if there are none.
+func (s *store) costliestHash() string {
+	s.writing <- struct{}{}
+	defer s.unlockWrites()
+	costliest := ""
 	for _, u := range s.users {
-		cost, _ := bcrypt.Cost([]byte(u.PasswordHash)) // checked when loaded
-		highest = max(highest, cost)
+		if costliest == "" || hashCost(u.PasswordHash) > hashCost(costliest) {
+			costliest = u.PasswordHash
+		}
 	}
-	return highest
+	return costliest
 }
 
-// add registers a user with a normalised email and a password hash, writes
-// the users file, and only then makes the user visible. If the new file is
-// not in place, nothing changes and the error says why. If it is, but a
-// later step failed, the user is kept, as the file does, and the error
-// still says why.
-//
-// Each change rewrites the whole file, so its cost grows with the users.
-func (s *store) add(email, passwordHash string) (User, error) {
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
+// hashCost returns the cost of a bcrypt hash, 0 for one it cannot parse.
+func hashCost(hash string) int {
+	cost, _ := bcrypt.Cost([]byte(hash))
+	return cost
+}
 
-	// Only changes write byEmail, and they hold writeMu, so it can be read
-	// here without mu.
+// add registers a user with a normalised email and a password hash: it
+// writes the users file, and only then makes the user visible. If the new
+// file is not in place, nothing changes and the error says why. If it is,
+// but a later step failed, the user is kept, as the file does, and the
+// error still says why. Each change rewrites the whole file, so its cost
+// grows with the users.
+func (s *store) add(ctx context.Context, email, passwordHash string) (User, error) {
+	if err := s.lockWrites(ctx); err != nil {
+		return User{}, err
+	}
+	defer s.unlockWrites()
+	// Only changes write byEmail, and one at a time, so no mu to read it.
 	if _, taken := s.byEmail[email]; taken {
 		return User{}, errEmailTaken
 	}
-	if err := s.checkUnchanged(); err != nil {
-		return User{}, err
+	if s.nextID+1 >= idLimit {
+		return User{}, fmt.Errorf("users file %s: no ids left below 2^53", s.path)
 	}
 	u := User{ID: s.nextID, Email: email, PasswordHash: passwordHash}
 	users := append(s.users, u) // s.users keeps its length until the file is written
-	sum := sha256.New()
-	renamed, err := writeFileAtomic(s.path, s.disk, func(w io.Writer) error {
-		return encodeStoreFile(io.MultiWriter(w, sum), storeFile{NextID: u.ID + 1, Users: users})
-	})
-	if !renamed {
-		return User{}, fmt.Errorf("save users to %s: %w", s.path, err)
-	}
-
-	s.users, s.nextID, s.fileSum = users, u.ID+1, string(sum.Sum(nil))
-	s.mu.Lock()
-	s.byEmail[email] = u
-	s.mu.Unlock()
-	if err != nil {
-		return u, fmt.Errorf("save users to %s: %w", s.path, err)
-	}
-	return u, nil
+	return u, s.save(ctx, users, u.ID+1, u)
 }
 
-// checkUnchanged returns an error if the users file is not as the server
-// last read or wrote it: someone changed it by hand, and writing now would
-// undo their change without a word.
-func (s *store) checkUnchanged() error {
-	sum := ""
-	f, err := os.Open(s.path)
-	switch {
-	case err == nil:
-		defer f.Close()
-		h := sha256.New()
-		if _, err := io.Copy(h, f); err != nil {
-			return fmt.Errorf("read users file %s: %w", s.path, err)
-		}
-		sum = string(h.Sum(nil))
-	case !errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("open users file %s: %w", s.path, err)
+// setHash replaces the password hash of the user registered with email,
+// on disk and then in memory, as add does.
+func (s *store) setHash(ctx context.Context, email, passwordHash string) error {
+	if err := s.lockWrites(ctx); err != nil {
+		return err
 	}
-	if sum != s.fileSum {
+	defer s.unlockWrites()
+	i := slices.IndexFunc(s.users, func(u User) bool { return u.Email == email })
+	if i < 0 {
+		return fmt.Errorf("user %q is not registered", email)
+	}
+	users := slices.Clone(s.users)
+	users[i].PasswordHash = passwordHash
+	return s.save(ctx, users, s.nextID, users[i])
+}
+
+// lockWrites takes the turn to change the users file, waiting at most
+// maxWriteWait, or returns errStoreBusy: a change never queues without
+// bound behind others' writes, so its client always hears how it ended.
+func (s *store) lockWrites(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.maxWriteWait)
+	defer cancel()
+	select {
+	case s.writing <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return errStoreBusy
+	}
+}
+
+func (s *store) unlockWrites() { <-s.writing }
+
+// save writes users and nextID to the users file, then makes them what
+// readers see; changed is the one user that differs. If the new file is
+// not in place, nothing changes. If it is but the folder's sync failed,
+// memory follows the file and the error still says why.
+func (s *store) save(ctx context.Context, users []User, nextID int64, changed User) error {
+	renamed, info, err := s.writeFile(ctx, storeFile{NextID: nextID, Users: users})
+	if !renamed {
+		return fmt.Errorf("save users to %s: %w", s.path, err)
+	}
+	s.users, s.nextID, s.written = users, nextID, info
+	s.mu.Lock()
+	s.byEmail[changed.Email] = changed
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("save users to %s: %w", s.path, err)
+	}
+	return nil
+}
+
+// writeFile replaces the users file with f, so that a crash at any instant
+// leaves either the old file or the new one whole: it writes a temporary
+// file in the same folder, flushes it to disk, renames it over the file,
+// and flushes the folder so that the rename itself is durable. It reports
+// whether the rename happened (from then on the new file is the one that
+// readers, and the next start, see) and the new file's info.
+func (s *store) writeFile(ctx context.Context, f storeFile) (renamed bool, info os.FileInfo, err error) {
+	dir, name := filepath.Split(s.file)
+	if dir == "" {
+		dir = "."
+	}
+	// CreateTemp makes the file 0600: only its owner may read the hashes.
+	tmp, err := os.CreateTemp(dir, "."+strings.TrimPrefix(name, ".")+".tmp-*")
+	if err != nil {
+		return false, nil, fmt.Errorf("create temporary file: %w", err)
+	}
+	defer func() {
+		if !renamed {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if err := encodeStoreFile(tmp, f); err != nil {
+		return false, nil, fmt.Errorf("write temporary file: %w", err)
+	}
+	if err := s.disk.sync(tmp); err != nil {
+		return false, nil, fmt.Errorf("sync temporary file: %w", err)
+	}
+	if info, err = tmp.Stat(); err != nil {
+		return false, nil, fmt.Errorf("stat temporary file: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return false, nil, fmt.Errorf("close temporary file: %w", err)
+	}
+	// As late as can be: a client that gave up is not registered after
+	// all, and a file changed by hand is not overwritten.
+	if ctx.Err() != nil {
+		return false, nil, errStoreBusy
+	}
+	if err := s.checkUnchanged(); err != nil {
+		return false, nil, err
+	}
+	if err := s.disk.rename(tmp.Name(), s.file); err != nil {
+		return false, nil, fmt.Errorf("rename temporary file: %w", err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return true, info, fmt.Errorf("open folder to sync it: %w", err)
+	}
+	defer d.Close()
+	if err := s.disk.sync(d); err != nil {
+		return true, info, fmt.Errorf("sync folder: %w", err)
+	}
+	return true, info, nil
+}
+
+// checkUnchanged returns an error if the users file is not the one the
+// server last read or wrote: someone changed it by hand, and writing now
+// would undo their change without a word. An edit in place changes the
+// file's size or modification time, and an editor's save (a new file
+// renamed over it) its identity; os.Stat tells all three without reading.
+func (s *store) checkUnchanged() error {
+	now, err := os.Stat(s.path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("check users file %s: %w", s.path, err)
+	}
+	unchanged := now == nil && s.written == nil ||
+		now != nil && s.written != nil && os.SameFile(now, s.written) &&
+			now.Size() == s.written.Size() && now.ModTime().Equal(s.written.ModTime())
+	if !unchanged {
 		return fmt.Errorf("users file %s changed on disk while the server ran, so it was not overwritten: restart the server to load it", s.path)
 	}
 	return nil
@@ -276,49 +426,4 @@ func encodeStoreFile(w io.Writer, f storeFile) error {
 	}
 	out.WriteString("\n  ]\n}\n")
 	return out.Flush() // reports any error of the writes above
-}
-
-// writeFileAtomic replaces the file at path with what write writes, so that
-// a crash at any instant leaves either the old file or the new one whole:
-// it writes a temporary file in the same folder, flushes it to disk, renames
-// it over path, and flushes the folder so that the rename itself is durable.
-// It reports whether the rename happened: from then on the new file is the
-// one that readers, and the next start, see.
-func writeFileAtomic(path string, disk diskSteps, write func(io.Writer) error) (renamed bool, err error) {
-	dir, name := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	// CreateTemp makes the file 0600: only its owner may read the hashes.
-	tmp, err := os.CreateTemp(dir, "."+strings.TrimPrefix(name, ".")+".tmp-*")
-	if err != nil {
-		return false, fmt.Errorf("create temporary file: %w", err)
-	}
-	defer func() {
-		if !renamed {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if err := write(tmp); err != nil {
-		return false, fmt.Errorf("write temporary file: %w", err)
-	}
-	if err := disk.sync(tmp); err != nil {
-		return false, fmt.Errorf("sync temporary file: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return false, fmt.Errorf("close temporary file: %w", err)
-	}
-	if err := disk.rename(tmp.Name(), path); err != nil {
-		return false, fmt.Errorf("rename temporary file: %w", err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return true, fmt.Errorf("open folder to sync it: %w", err)
-	}
-	defer d.Close()
-	if err := disk.sync(d); err != nil {
-		return true, fmt.Errorf("sync folder: %w", err)
-	}
-	return true, nil
 }
