@@ -63,10 +63,10 @@ type accounts struct {
 }
 
 // newAccounts returns accounts over users, hashing new passwords at cost,
-// throttling failed logins with limiter and running bcrypt in cpus.
+// throttling failed logins with limiter and running bcrypt in cpus. The
+// failure floor is one comparison with the costliest hash there is; making
+// a hash takes as long as comparing with one of its cost.
 func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int, logger *slog.Logger) (*accounts, error) {
-	// The failure floor is one comparison with the costliest hash there is.
-	// Making a hash takes as long as comparing with one of its cost.
 	start := time.Now()
 	dummyHash, err := hashPassword(rand.Text(), cost)
 	if err != nil {
@@ -101,10 +101,10 @@ func (a *accounts) authenticateUser(email, password string) (User, error) {
 
 // The defenses begin here.
 
-// login is authenticateUser defended: the throttle decides first, then the
-// password is checked in a CPU slot, then the throttle learns the result.
-// It returns the user, errInvalidCredentials, a *throttledError if client
-// (the caller's address) failed too often, or errServerBusy.
+// login is authenticateUser defended: the throttle decides, the password is
+// checked in a CPU slot, the throttle learns the result. It returns the
+// user, errInvalidCredentials, a *throttledError if client (the caller's
+// address) failed too often, or errServerBusy.
 func (a *accounts) login(ctx context.Context, client, email, password string) (User, error) {
 	email = normalizeEmail(email)
 	// Alike for registered and unknown emails, and before bcrypt: a
@@ -120,10 +120,9 @@ func (a *accounts) login(ctx context.Context, client, email, password string) (U
 	u, err := a.authenticateUser(email, password)
 	a.cpus.release()
 	if err != nil {
-		// As long as a comparison with the costliest stored hash, whatever
-		// this one's cost: a users file made elsewhere may mix costs, and a
-		// cheaper hash answering sooner would tell that its email is
-		// registered. Waited out of the CPU slot, so the CPUs work on.
+		// As long as the costliest comparison, whatever this hash's cost: a
+		// cheaper one answering sooner would tell that its email exists.
+		// Waited out of the CPU slot, so that the CPUs work on.
 		a.wait(ctx, a.failureFloor-a.now().Sub(start))
 		return User{}, err
 	}
@@ -132,10 +131,9 @@ func (a *accounts) login(ctx context.Context, client, email, password string) (U
 	return u, nil
 }
 
-// rehash stores the password's hash anew at the server's cost if the
-// user's is cheaper, as passlib's verify_and_update does, so that old
-// hashes grow as costly as new ones. If it cannot, the old hash stays, and
-// still works.
+// rehash stores a new hash of the password at the server's cost if the
+// user's is cheaper, as passlib's verify_and_update does. If it cannot, the
+// old hash stays, and still works.
 func (a *accounts) rehash(ctx context.Context, u User, password string) {
 	if hashCost(u.PasswordHash) >= a.cost {
 		return
@@ -187,8 +185,7 @@ const (
 	maxPasswordBytes = 72  // bcrypt reads no further; a longer password is refused, never cut
 )
 
-// validationError says which rule a registration broke, in a sentence for
-// the client.
+// validationError says which rule a registration broke, for the client.
 type validationError string
 
 func (e validationError) Error() string { return string(e) }
@@ -213,11 +210,11 @@ func validateEmail(email string) error {
 	return nil
 }
 
-// validatePassword checks a new password for a valid, normalised email, as
-// NIST SP 800-63B-4 asks: at least 15 characters, each code point counting
-// as one, with no rules on what kinds of characters; not the email, nor
-// holding its local part (the part before the @) if that has 4 characters
-// or more. And at most 72 bytes, all that bcrypt reads.
+// validatePassword checks a new password for a valid email, as NIST SP
+// 800-63B-4 asks: at least 15 characters, each code point counting as one,
+// no rules on kinds of characters; not the email, nor holding its local
+// part (before the @) if that has 4 characters or more. And at most 72
+// bytes, all that bcrypt reads.
 func validatePassword(password, email string) error {
 	local := email[:strings.LastIndexByte(email, '@')]
 	switch {
@@ -240,12 +237,11 @@ var errServerBusy = errors.New("server busy: no CPU free for bcrypt")
 // maxBcryptWait is how long a request waits for a CPU before it is refused.
 const maxBcryptWait = 2 * time.Second
 
-// cpuSlots lets as many bcrypt runs at once as there are CPUs. A bcrypt run
-// keeps a CPU busy for its whole length, so more at once would only slow
-// every run down together until all time out. Instead the others wait their
-// turn, first come first served (a channel hands its free slot to the
-// sender that has waited longest), and are refused after maxWait, so that
-// the CPUs keep doing as many logins a second as they can.
+// cpuSlots lets as many bcrypt runs at once as there are CPUs: a run keeps
+// a CPU busy throughout, so more at once would slow all down together until
+// all time out. The others wait their turn, first come first served (a
+// channel's free slot goes to the sender that has waited longest), and are
+// refused after maxWait: the CPUs keep doing as many logins as they can.
 type cpuSlots struct {
 	slots   chan struct{} // one value for each bcrypt run under way
 	maxWait time.Duration
@@ -300,10 +296,9 @@ func (e *throttledError) Error() string {
 }
 
 // loginLimiter stops password guessing (RFC 6749 section 4.3.2): it counts
-// failed logins over a 15-minute window, for each client address and email
-// together and for each client address alone. A window
-// opens at a count's first failure; once the count reaches its limit, every
-// attempt under it is refused until the window closes.
+// failed logins for each client address and email, and for each address,
+// over a 15-minute window opened by the first; at the limit, every attempt
+// under it is refused until the window closes.
 //
 // An attempt is counted as a failure when it begins, before bcrypt runs,
 // and taken back if it succeeds. So concurrent guesses cannot slip past the

@@ -131,12 +131,11 @@ func decodeSegment(seg string) (map[string]any, error) {
 }
 
 // decodeObject decodes data, one JSON object and nothing after it, into a
-// map of its members. It reads request bodies and tokens alike, more
-// strictly than json.Unmarshal, so that no two readers of one text can
-// disagree about what it says: a member counts only under its exact name
-// (a struct field would also match "EMAIL", or "paſſword" with
-// a long s), a name given twice is refused rather than the last one taken,
-// and text that is not UTF-8 is refused rather than mended with U+FFFD.
+// map of its members: for bodies and tokens alike, more strictly than
+// json.Unmarshal, so that no two readers of one text can disagree about it.
+// A member counts only under its exact name (a struct field would match
+// "EMAIL", or "paſſword" with a long s), a name twice is refused, not
+// last-wins, and text that is not UTF-8 is refused, not mended.
 func decodeObject(data []byte) (map[string]any, error) {
 	if !utf8.Valid(data) {
 		return nil, errors.New("must be valid UTF-8")

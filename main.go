@@ -3,10 +3,10 @@
 // email and a password (kept as a bcrypt hash), log in with the same pair,
 // and get an OAuth2-style bearer token that opens /users/me.
 //
-// This file holds the program, the routes and the handlers. A request's
-// journey: run builds the server; newServer names the routes; each handle*
-// function reads the request, calls into auth.go, jwt.go or store.go, and
-// writes the answer with writeJSON or writeError.
+// This file holds the program, the routes and the handlers, then the
+// defenses around them. run builds the server; newServer names the routes;
+// each handle* function reads the request, calls into auth.go, jwt.go or
+// store.go, and answers with writeJSON or writeError.
 package main
 
 import (
@@ -61,6 +61,24 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	maxPerAccount := flags.Int("max-failures-per-account", 5, "failed logins for one client address and email in 15 minutes before logins are refused (0: no limit)")
 	maxPerAddress := flags.Int("max-failures-per-address", 100, "failed logins for one client address in 15 minutes before logins are refused (0: no limit)")
 	maxConns := flags.Int("max-connections-per-address", 64, "open connections allowed for one client address; more are closed at once (0: no limit)")
+	var web webConfig
+	flags.Func("allow-origin", "an origin, such as http://localhost:5173, whose pages may call the API (CORS); may be repeated", func(origin string) error {
+		if origin == "*" {
+			return errors.New("* would let every page on the web log in as its visitors and lock them out: name each origin")
+		}
+		if err := http.NewCrossOriginProtection().AddTrustedOrigin(origin); err != nil {
+			return err // not scheme://host[:port]
+		}
+		web.allowOrigins = append(web.allowOrigins, origin)
+		return nil
+	})
+	flags.Func("allow-host", "a host name to answer to besides localhost and loopback addresses; may be repeated", func(host string) error {
+		if strings.ContainsAny(host, "/: ") && net.ParseIP(host) == nil {
+			return errors.New("want a host name alone, such as myhost.local: no scheme, no port")
+		}
+		web.allowHosts = append(web.allowHosts, strings.ToLower(host))
+		return nil
+	})
 	if err := flags.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -76,8 +94,8 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return err
 	}
-	// Loading a large users file and timing its costliest hash take a
-	// while; a signal meanwhile stops the program at once.
+	// Loading many users and timing a costly hash take a while; a signal
+	// meanwhile stops the program at once.
 	var accts *accounts
 	loaded := make(chan error, 1)
 	go func() {
@@ -98,11 +116,12 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		return nil
 	}
 
-	srv := newHTTPServer(newServer(logger, accts, secret, time.Now), logger)
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	web.checkHost = ln.Addr().(*net.TCPAddr).IP.IsLoopback() || len(web.allowHosts) > 0
+	srv := newHTTPServer(newServer(logger, accts, secret, time.Now, web), logger)
 	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
 	return serve(ctx, srv, limitConnections(ln, *maxConns), logger)
 }
@@ -123,13 +142,11 @@ func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]b
 	return []byte(secret), nil
 }
 
-// shutdownGrace is how long requests in flight may take to finish once the
-// server is told to stop.
+// shutdownGrace is how long requests in flight may take to finish.
 const shutdownGrace = 5 * time.Second
 
-// serve serves srv on ln until ctx ends; then it stops accepting
-// connections and lets the requests in flight finish, for up to
-// shutdownGrace, before it closes what is left.
+// serve serves srv on ln until ctx ends; then it stops accepting, and lets
+// the requests in flight finish for up to shutdownGrace.
 func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
@@ -152,19 +169,22 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.
 }
 
 // newServer returns the server's handler: the routes, each inside the
-// defenses it needs, and around them all the request log, the headers every
-// response carries, and the mux's own 404 and 405 put in JSON.
-func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
-	crossSite := refuseCrossSite()
+// defenses it needs, and around them all the request log, the headers of
+// every response, the origins and hosts web allows, and the mux's own 404
+// and 405 in JSON.
+func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time, web webConfig) http.Handler {
+	crossSite := refuseCrossSite(web.allowOrigins)
 	mux := http.NewServeMux()
 	// accounts.register and accounts.login add the CPU slots and the throttle.
 	mux.Handle("POST /register", crossSite(handleRegister(logger, accts)))
 	mux.Handle("POST /login", crossSite(handleLogin(logger, accts, secret, now)))
 	mux.Handle("GET /users/me", requireUser(accts.users, secret, now, handleUsersMe))
 	mux.Handle("GET /healthz", handleHealthz())
-	mux.Handle("GET /openapi.json", handleFile("application/json", openAPIJSON))
-	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPage))
-	return logRequests(logger, commonHeaders(routingErrorsInJSON(mux)))
+	mux.Handle("GET /openapi.json", handleFile("application/json", "", openAPIJSON))
+	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPolicy, docsPage))
+	// Around every route, outermost first.
+	return logRequests(logger, commonHeaders(allowOrigins(web.allowOrigins, mux,
+		checkHost(web, routingErrorsInJSON(mux)))))
 }
 
 // handleRegister creates a user from {"email", "password"}.
@@ -188,10 +208,9 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 	})
 }
 
-// handleLogin exchanges an email and a password for an access token. It
-// takes the tutorial's JSON body or the OAuth2 password form (RFC 6749
-// section 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm
-// send.
+// handleLogin exchanges an email and a password for an access token, from
+// the tutorial's JSON body or the OAuth2 password form (RFC 6749 section
+// 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm send.
 func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
 	type response struct {
 		AccessToken string `json:"access_token"`
@@ -264,11 +283,10 @@ func requireUser(users *store, secret []byte, now func() time.Time, next func(ht
 var errNotAuthenticated = errors.New("no bearer token")
 
 // currentUser returns the user whose bearer token the request carries: the
-// chapter's get_current_user, with OAuth2PasswordBearer's reading of the
-// "Authorization: Bearer <token>" header (the scheme in any letter case).
-// Without that header it returns errNotAuthenticated; for a token that
-// fails a check, or whose user no longer exists, an error wrapping
-// errInvalidToken.
+// chapter's get_current_user, reading "Authorization: Bearer <token>" as
+// OAuth2PasswordBearer does (the scheme in any letter case). Without it:
+// errNotAuthenticated; a token that fails a check, or whose user is gone:
+// an error wrapping errInvalidToken.
 func currentUser(r *http.Request, users *store, secret []byte, now time.Time) (User, error) {
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "Bearer") {
@@ -298,35 +316,49 @@ func handleHealthz() http.Handler {
 //go:embed openapi.json
 var openAPIJSON string
 
-// docsPage is Swagger UI for /openapi.json, as FastAPI's /docs: the page
-// loads Swagger UI 5 from a public CDN, so drawing it needs a network; the
-// API does not.
+// docsPage is Swagger UI for /openapi.json, as FastAPI's /docs, loaded from
+// a public CDN. Passwords are typed into it, on the API's own origin, so
+// what it loads is pinned: an exact version, each file with its SHA-384
+// (Subresource Integrity), which the browser checks before using it.
 const docsPage = `<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>loginserver API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css"
+  integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
 </head>
 <body>
 <div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js"
+  integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
 <script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body>
 </html>
 `
 
-// handleFile serves content, fixed at build time, as the given type.
-func handleFile(contentType, content string) http.Handler {
+// docsPolicy is docsPage's Content-Security-Policy: scripts only from the
+// pinned Swagger UI and the inline one, by its SHA-256; styles from there
+// and inline, as Swagger UI draws; requests to this server; no framing.
+const docsPolicy = "default-src 'none'; " +
+	"script-src https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/ 'sha256-Oz8ONi45cXTL2h66ERH2497UbGxVL1Oox4TEI52B/SQ='; " +
+	"style-src https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/ 'unsafe-inline'; " +
+	"img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+// handleFile serves content, fixed at build time, as the given type and
+// with the given Content-Security-Policy, if any.
+func handleFile(contentType, policy, content string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", contentType)
+		if policy != "" {
+			w.Header().Set("Content-Security-Policy", policy)
+		}
 		io.WriteString(w, content)
 	})
 }
 
-// readJSONCredentials reads {"email": "...", "password": "..."}; other
-// members are ignored, as FastAPI does. If the body is not that, it writes
-// the error response and returns false.
+// readJSONCredentials reads {"email": "...", "password": "..."}, ignoring
+// other members, as FastAPI does; else it writes the error and returns false.
 func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
 	if !isJSON(mediaType(r)) {
 		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
@@ -360,8 +392,8 @@ func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 }
 
 // readFormCredentials reads an OAuth2 password grant form: username,
-// password and an optional grant_type, which must then be "password". If
-// the form is not that, it writes the error response and returns false.
+// password, and grant_type=password if any; else it writes the error and
+// returns false.
 func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
 	body, ok := readBody(w, r)
 	if !ok {
@@ -383,8 +415,7 @@ func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 		writeError(w, http.StatusBadRequest, "unsupported grant_type")
 		return "", "", false
 	}
-	// As for JSON, text that is not UTF-8 is refused rather than mended,
-	// and a field given twice rather than one of them taken.
+	// As for JSON: not UTF-8, or a field given twice, is refused.
 	for name, values := range form {
 		if !utf8.ValidString(name) || slices.ContainsFunc(values, func(v string) bool { return !utf8.ValidString(v) }) {
 			writeError(w, http.StatusUnprocessableEntity, "body must be valid UTF-8")
@@ -498,8 +529,10 @@ func (w *routingErrorWriter) Write(p []byte) (int, error) { return len(p), nil }
 // and 405 included.
 func commonHeaders(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		// Browsers must take a response for what its Content-Type says.
+		// Browsers must take a response for what its Content-Type says,
+		// and no page of another site may frame one (clickjacking).
 		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("X-Frame-Options", "DENY")
 		next.ServeHTTP(w, r)
 	})
 }
@@ -529,17 +562,95 @@ func (rec *statusRecorder) WriteHeader(status int) {
 
 // The defenses begin here.
 
-// refuseCrossSite returns a wrapper that answers 403 to a request that a
-// browser marks as sent by a page of another site (Sec-Fetch-Site, or an
-// Origin that is not the Host), before anything else runs. So a hostile
-// page cannot make its visitors' browsers register, or fail five logins and
-// lock them out. Clients that are not browsers send neither, and pass.
-func refuseCrossSite() func(http.Handler) http.Handler {
+// webConfig says which pages of other origins, and which host names, the
+// server trusts besides its own.
+type webConfig struct {
+	allowOrigins []string // exact origins whose pages may call the API, from -allow-origin
+	allowHosts   []string // host names accepted besides loopback ones, from -allow-host
+	checkHost    bool     // refuse other host names: listening on loopback, or -allow-host given
+}
+
+// refuseCrossSite returns a wrapper that answers 403, before anything else
+// runs, to a request a browser marks as sent by a page of another site
+// (Sec-Fetch-Site, or an Origin that is not the Host) and not trusted: so
+// a hostile page cannot make its visitors fail five logins and be locked
+// out. Clients that are not browsers send neither header, and pass.
+func refuseCrossSite(trusted []string) func(http.Handler) http.Handler {
 	c := http.NewCrossOriginProtection()
+	for _, origin := range trusted {
+		if err := c.AddTrustedOrigin(origin); err != nil {
+			panic(err) // run's -allow-origin checked each with this same call
+		}
+	}
 	c.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "Cross-origin request refused")
 	}))
 	return c.Handler
+}
+
+// allowOrigins lets pages of the given origins call the API (CORS): their
+// preflight OPTIONS is answered with what the route allows, and every
+// answer, errors included, lets the page read it, WWW-Authenticate and
+// Retry-After too. No credentials mode: the token is a header, never a
+// cookie. Other origins get no such header, so browsers hide the answers.
+func allowOrigins(origins []string, mux *http.ServeMux, next http.Handler) http.Handler {
+	if len(origins) == 0 {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Add("Vary", "Origin") // caches must not give one origin's answer to another
+		origin := r.Header.Get("Origin")
+		if !slices.Contains(origins, origin) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Access-Control-Allow-Origin", origin)
+		w.Header().Set("Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After")
+		methods := routeMethods(mux, r.URL)
+		if r.Method != http.MethodOptions || len(methods) == 0 { // not a preflight, or an unknown path
+			next.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Access-Control-Allow-Methods", strings.Join(methods, ", "))
+		w.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
+		w.Header().Set("Access-Control-Max-Age", "600")
+		w.WriteHeader(http.StatusNoContent)
+	})
+}
+
+// routeMethods returns the methods the mux has a route for at u's path.
+func routeMethods(mux *http.ServeMux, u *url.URL) []string {
+	var methods []string
+	for _, method := range []string{"GET", "POST", "PUT", "PATCH", "DELETE"} {
+		if _, pattern := mux.Handler(&http.Request{Method: method, URL: u}); pattern != "" {
+			methods = append(methods, method)
+		}
+	}
+	return methods
+}
+
+// checkHost answers 400, before anything else runs, to a request whose Host
+// is neither a loopback name (localhost, 127.x.x.x, [::1], any port) nor in
+// web.allowHosts: a page on the internet can point its own domain at
+// 127.0.0.1 (DNS rebinding), and its requests then reach this server as
+// same-origin. Listening elsewhere, with no -allow-host, any Host passes.
+func checkHost(web webConfig, next http.Handler) http.Handler {
+	if !web.checkHost {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host := r.Host
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		host = strings.ToLower(strings.Trim(host, "[]"))
+		ip := net.ParseIP(host)
+		if host != "localhost" && (ip == nil || !ip.IsLoopback()) && !slices.Contains(web.allowHosts, host) {
+			writeError(w, http.StatusBadRequest, "Invalid host header")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // clientAddr returns the host of a connection's remote address. Proxy
@@ -561,16 +672,16 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
 		IdleTimeout:       60 * time.Second,
-		// Go reads 4 KiB more than this: 16 KiB in all for the request line
-		// and headers, room for a token (8 KiB at most) and ordinary headers.
+		// Go reads 4 KiB more: 16 KiB for the request line and headers,
+		// room for a token (8 KiB at most) and ordinary headers.
 		MaxHeaderBytes: 12 << 10,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 }
 
-// limitConnections caps the open connections of each client address at max
-// (0: no cap), closing any over it at once, so that one client cannot take
-// the file descriptors and memory that others need.
+// limitConnections caps each client address's open connections at max (0:
+// no cap), closing one over it at once: one client cannot take the file
+// descriptors and memory others need.
 func limitConnections(ln net.Listener, max int) net.Listener {
 	if max == 0 {
 		return ln
@@ -578,8 +689,7 @@ func limitConnections(ln net.Listener, max int) net.Listener {
 	return &connLimiter{Listener: ln, max: max, open: make(map[string]int)}
 }
 
-// connLimiter is a listener that counts the open connections of each
-// client address.
+// connLimiter is a listener that counts each client address's connections.
 type connLimiter struct {
 	net.Listener
 	max int

@@ -7,7 +7,8 @@
 //  2. Register: POST /register
 //  3. Login: POST /login, passwords, the dummy hash, other sites
 //  4. Throttling: failed logins counted and refused
-//  5. Busy CPUs and many connections: bcrypt's admission, the per-address cap
+//  5. Busy CPUs, connections, browsers: bcrypt's admission, the per-address
+//     cap, front ends on other origins, host names
 //  6. Users/me and the other routes: /healthz, /openapi.json, /docs, 404, 405
 //  7. Tokens: createAccessToken and verifyAccessToken
 //  8. Store: the users file
@@ -100,6 +101,7 @@ type serverConfig struct {
 	cpus          int           // bcrypt runs at once; 0 for newCPUSlots's
 	maxCPUWait    time.Duration // 0 for newCPUSlots's
 	logger        *slog.Logger  // nil for no log
+	web           webConfig     // the zero value: no other origin, any Host
 }
 
 // testServer is a server over a users file, with a clock the test moves.
@@ -150,7 +152,7 @@ func newTestServer(tb testing.TB, cfg serverConfig) *testServer {
 		tb.Fatalf("newAccounts: %v", err)
 	}
 	return &testServer{
-		handler:    newServer(cfg.logger, accts, []byte(testSecret), clock.now),
+		handler:    newServer(cfg.logger, accts, []byte(testSecret), clock.now, cfg.web),
 		accts:      accts,
 		users:      users,
 		clock:      clock,
@@ -252,6 +254,9 @@ func (ts *testServer) do(tb testing.TB, req request) *httptest.ResponseRecorder 
 	}
 	for name, value := range req.header {
 		r.Header.Set(name, value)
+	}
+	if host, ok := req.header["Host"]; ok { // the server reads r.Host, not a header
+		r.Host = host
 	}
 	w := httptest.NewRecorder()
 	ts.handler.ServeHTTP(w, r)
@@ -1150,7 +1155,7 @@ func TestLimiterBounded(t *testing.T) {
 	}
 }
 
-// 5. Busy CPUs and many connections
+// 5. Busy CPUs, connections, browsers
 
 // holdCPUs takes n bcrypt slots of ts, as n logins under way would, and
 // returns a function that gives them back.
@@ -1309,6 +1314,142 @@ func TestConnectionsPerAddress(t *testing.T) {
 	}
 }
 
+// frontEnd is the origin of a learner's own page, allowed by -allow-origin
+// in the tests that follow.
+const frontEnd = "http://localhost:5173"
+
+// TestCORS: with -allow-origin, a page of that origin may call every
+// route: preflights answer 204, and every answer, errors included, says
+// the page may read it. Other origins get no CORS header, and their POSTs
+// are still refused; without the flag nothing changes.
+func TestCORS(t *testing.T) {
+	ts := newTestServer(t, serverConfig{maxPerAccount: 1, web: webConfig{allowOrigins: []string{frontEnd, "https://app.example"}}})
+	token := ts.token(t)
+	from := func(origin string, req request) request {
+		req.header = map[string]string{"Origin": origin, "Sec-Fetch-Site": "same-site"}
+		return req
+	}
+	noCredentials := func(w *httptest.ResponseRecorder) {
+		t.Helper()
+		if got := w.Header().Values("Access-Control-Allow-Credentials"); got != nil {
+			t.Errorf("Access-Control-Allow-Credentials = %q, want none", got)
+		}
+		checkHeaders(t, w, "Vary", "Origin")
+	}
+	for _, route := range routeTable(t) {
+		method, path, _ := strings.Cut(route, " ")
+		w := ts.do(t, from(frontEnd, request{method: "OPTIONS", path: path, header: nil}))
+		if w.Code != 204 || !strings.Contains(w.Header().Get("Access-Control-Allow-Methods"), method) {
+			t.Errorf("preflight %s: %d, Allow-Methods %q; want 204 naming %s", path, w.Code, w.Header().Get("Access-Control-Allow-Methods"), method)
+		}
+		allowed := w.Header().Get("Access-Control-Allow-Headers")
+		if !strings.Contains(allowed, "Authorization") || !strings.Contains(allowed, "Content-Type") || w.Header().Get("Access-Control-Max-Age") == "" {
+			t.Errorf("preflight %s: Allow-Headers %q, Max-Age %q", path, allowed, w.Header().Get("Access-Control-Max-Age"))
+		}
+		checkHeaders(t, w, "Access-Control-Allow-Origin", frontEnd)
+		noCredentials(w)
+	}
+	me := from(frontEnd, request{method: "GET", path: "/users/me"})
+	me.header["Authorization"] = "Bearer " + token
+	answers := []struct {
+		req    request
+		status int
+	}{
+		{me, 200},
+		{from(frontEnd, request{method: "GET", path: "/users/me"}), 401},
+		{from(frontEnd, request{method: "GET", path: "/nowhere"}), 404},
+		{from(frontEnd, request{method: "DELETE", path: "/login"}), 405},
+		{from(frontEnd, postJSON("/register", `{"email":"bob@example.com"}`)), 422},
+		{from(frontEnd, postJSON("/register", credentialsJSON("bob@example.com", testPassword))), 201},
+		{from(frontEnd, postJSON("/login", credentialsJSON(testEmail, "not the password"))), 401},
+		{from(frontEnd, postJSON("/login", credentialsJSON(testEmail, "not the password"))), 429},
+		{from("https://app.example", postJSON("/login", credentialsJSON("bob@example.com", testPassword))), 200},
+	}
+	for _, a := range answers {
+		w := ts.do(t, a.req)
+		if w.Code != a.status {
+			t.Errorf("%s %s from %s: status %d, want %d", a.req.method, a.req.path, a.req.header["Origin"], w.Code, a.status)
+		}
+		checkHeaders(t, w, "Access-Control-Allow-Origin", a.req.header["Origin"], "Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After")
+		noCredentials(w)
+	}
+	busy := holdCPUs(t, ts, runtime.GOMAXPROCS(0))
+	ts.accts.cpus.maxWait = time.Millisecond
+	w := ts.do(t, from(frontEnd, postJSON("/login", credentialsJSON("bob@example.com", testPassword))))
+	busy()
+	if w.Code != 503 || w.Header().Get("Access-Control-Allow-Origin") != frontEnd {
+		t.Errorf("busy: %d, Allow-Origin %q; want 503 that the page may read", w.Code, w.Header().Get("Access-Control-Allow-Origin"))
+	}
+
+	for _, req := range []request{
+		from("http://evil.example", postJSON("/login", credentialsJSON(testEmail, testPassword))),
+		from("http://localhost:5174", postJSON("/register", credentialsJSON("cat@example.com", testPassword))),
+		from("http://evil.example", request{method: "OPTIONS", path: "/login"}),
+		{method: "OPTIONS", path: "/login"},
+		{method: "GET", path: "/healthz"},
+	} {
+		w := ts.do(t, req)
+		want := map[string]int{"POST": 403, "OPTIONS": 405, "GET": 200}[req.method]
+		if w.Code != want || w.Header().Get("Access-Control-Allow-Origin") != "" || w.Header().Get("Access-Control-Expose-Headers") != "" {
+			t.Errorf("%s %s from %q: %d %v; want %d and no CORS header", req.method, req.path, req.header["Origin"], w.Code, w.Header(), want)
+		}
+		noCredentials(w)
+	}
+
+	plain := newTestServer(t, serverConfig{})
+	w = plain.do(t, from(frontEnd, postJSON("/register", credentialsJSON(testEmail, testPassword))))
+	if w.Code != 403 || w.Header().Get("Access-Control-Allow-Origin") != "" || w.Header().Get("Vary") != "" {
+		t.Errorf("without -allow-origin: %d %v; want 403 and no CORS header, no Vary", w.Code, w.Header())
+	}
+}
+
+// TestHostNames: a server listening on loopback answers 400 to a request
+// whose Host is another name, before anything else runs: no count, no
+// bcrypt, no user. Loopback names, with any port, and -allow-host names
+// pass. A server listening elsewhere takes any Host.
+func TestHostNames(t *testing.T) {
+	ts := newTestServer(t, serverConfig{web: webConfig{checkHost: true, allowHosts: []string{"myhost.test"}}})
+	local := func(req request) request { req.header = map[string]string{"Host": "localhost:8080"}; return req }
+	checkJSON(t, ts.do(t, local(postJSON("/register", credentialsJSON(testEmail, testPassword)))), 201, nil)
+	rebound := func(req request) request {
+		req.header = map[string]string{"Host": "rebind.evil.test:8080", "Origin": "http://rebind.evil.test:8080", "Sec-Fetch-Site": "same-origin"}
+		return req
+	}
+	for range 6 {
+		checkJSON(t, ts.do(t, rebound(postJSON("/login", credentialsJSON(testEmail, "guess")))), 400, map[string]any{"detail": "Invalid host header"})
+	}
+	for _, route := range routeTable(t) {
+		method, path, _ := strings.Cut(route, " ")
+		req := rebound(request{method: method, path: path})
+		if method == "POST" {
+			req = rebound(postJSON(path, credentialsJSON("rebound@example.com", testPassword)))
+		}
+		checkJSON(t, ts.do(t, req), 400, map[string]any{"detail": "Invalid host header"})
+	}
+	if n := len(ts.accts.limiter.counts); n != 0 {
+		t.Errorf("limiter holds %d counts after refused hosts, want 0", n)
+	}
+	if _, found := ts.users.lookup("rebound@example.com"); found {
+		t.Error("a registration for another host was stored")
+	}
+	for _, host := range []string{"localhost", "localhost:8080", "LOCALHOST:1", "127.0.0.1", "127.0.0.1:8080", "127.9.8.7:80", "[::1]:8080", "[::1]", "myhost.test", "MyHost.test:8443"} {
+		req := request{method: "GET", path: "/healthz", header: map[string]string{"Host": host}}
+		if w := ts.do(t, req); w.Code != 200 {
+			t.Errorf("Host %s: status %d, want 200", host, w.Code)
+		}
+	}
+	for _, host := range []string{"example.com", "localhost.evil.test", "127.0.0.1.nip.io", "10.0.0.1:8080", "", "myhost.test.evil"} {
+		if w := ts.do(t, request{method: "GET", path: "/healthz", header: map[string]string{"Host": host}}); w.Code != 400 {
+			t.Errorf("Host %q: status %d, want 400", host, w.Code)
+		}
+	}
+	checkJSON(t, ts.do(t, local(postJSON("/login", credentialsJSON(testEmail, testPassword)))), 200, nil) // not locked out
+	open := newTestServer(t, serverConfig{})
+	if w := open.do(t, rebound(request{method: "GET", path: "/healthz"})); w.Code != 200 {
+		t.Errorf("a server not on loopback: Host rebind.evil.test: status %d, want 200", w.Code)
+	}
+}
+
 // 6. Users/me and the other routes
 
 func TestUsersMe(t *testing.T) {
@@ -1437,8 +1578,10 @@ func TestHealthz(t *testing.T) {
 	checkJSON(t, ts.do(t, request{method: "GET", path: "/healthz"}), 200, map[string]any{"status": "ok"})
 }
 
-// TestEveryResponseHeaders checks nosniff on every response, the mux's own
-// 404 and 405 included, and that every one is JSON but the /docs page.
+// TestEveryResponseHeaders checks nosniff and the refusal to be framed on
+// every response, the mux's own 404 and 405 and the refusals of other
+// sites, busy CPUs and throttling included, and that every one is JSON but
+// the /docs page.
 func TestEveryResponseHeaders(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
 	token := ts.token(t)
@@ -1457,6 +1600,12 @@ func TestEveryResponseHeaders(t *testing.T) {
 		{request{method: "DELETE", path: "/users/me"}, 405},
 		{request{method: "GET", path: "/openapi.json"}, 200},
 		{request{method: "GET", path: "/docs"}, 200},
+		{request{method: "POST", path: "/login", header: map[string]string{"Sec-Fetch-Site": "cross-site"}}, 403},
+		{postJSON("/login", credentialsJSON(testEmail, "nope")), 401},
+		{postJSON("/login", credentialsJSON(testEmail, "nope")), 401},
+		{postJSON("/login", credentialsJSON(testEmail, "nope")), 401},
+		{postJSON("/login", credentialsJSON(testEmail, "nope")), 401},
+		{postJSON("/login", credentialsJSON(testEmail, "nope")), 429},
 	}
 	for _, tt := range tests {
 		w := ts.do(t, tt.req)
@@ -1465,6 +1614,9 @@ func TestEveryResponseHeaders(t *testing.T) {
 		}
 		if got := w.Header().Get("X-Content-Type-Options"); got != "nosniff" {
 			t.Errorf("%s %s: X-Content-Type-Options = %q, want nosniff", tt.req.method, tt.req.path, got)
+		}
+		if got := w.Header().Get("X-Frame-Options"); got != "DENY" {
+			t.Errorf("%s %s: X-Frame-Options = %q, want DENY: no page may frame it", tt.req.method, tt.req.path, got)
 		}
 		if json := w.Header().Get("Content-Type") == "application/json"; json != (tt.req.path != "/docs") {
 			t.Errorf("%s %s: Content-Type = %q", tt.req.method, tt.req.path, w.Header().Get("Content-Type"))
@@ -1621,10 +1773,62 @@ func TestOpenAPIServed(t *testing.T) {
 	if w.Code != 200 || !strings.HasPrefix(w.Header().Get("Content-Type"), "text/html") {
 		t.Errorf("/docs = %d %q, want 200 and HTML", w.Code, w.Header().Get("Content-Type"))
 	}
-	for _, want := range []string{"swagger-ui-dist@5/swagger-ui-bundle.js", "swagger-ui-dist@5/swagger-ui.css", `SwaggerUIBundle({url: "/openapi.json"`} {
-		if !strings.Contains(w.Body.String(), want) {
-			t.Errorf("/docs lacks %q:\n%s", want, w.Body)
+	if !strings.Contains(w.Body.String(), `SwaggerUIBundle({url: "/openapi.json"`) {
+		t.Errorf("/docs does not draw /openapi.json with Swagger UI:\n%s", w.Body)
+	}
+}
+
+// TestDocsPinned: /docs loads an exact version of Swagger UI, each file
+// with its integrity hash, and its Content-Security-Policy lets no script
+// run but those files and the page's inline script, by the SHA-256 this
+// test computes.
+func TestDocsPinned(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	w := ts.do(t, request{method: "GET", path: "/docs"})
+	page := w.Body.String()
+	pinned := regexp.MustCompile(`^https://cdn\.jsdelivr\.net/npm/swagger-ui-dist@\d+\.\d+\.\d+/`)
+	var files []string
+	for _, tag := range regexp.MustCompile(`<(?:script|link)\b[^>]*>`).FindAllString(page, -1) {
+		src := regexp.MustCompile(`(?:src|href)="([^"]*)"`).FindStringSubmatch(tag)
+		if src == nil {
+			continue // the inline script
 		}
+		files = append(files, src[1])
+		if !pinned.MatchString(src[1]) {
+			t.Errorf("%s is not an exact version of swagger-ui-dist", src[1])
+		}
+		if !regexp.MustCompile(`integrity="sha384-[A-Za-z0-9+/]{64}"`).MatchString(tag) || !strings.Contains(tag, `crossorigin="anonymous"`) {
+			t.Errorf("%s has no integrity hash and crossorigin: %s", src[1], tag)
+		}
+	}
+	if len(files) != 2 {
+		t.Errorf("external files = %q, want Swagger UI's script and style sheet", files)
+	}
+	inline := regexp.MustCompile(`<script>([^<]*)</script>`).FindStringSubmatch(page)
+	if inline == nil {
+		t.Fatalf("no inline script in /docs:\n%s", page)
+	}
+	sum := sha256.Sum256([]byte(inline[1]))
+	policy := map[string][]string{}
+	for _, d := range strings.Split(w.Header().Get("Content-Security-Policy"), ";") {
+		if fields := strings.Fields(d); len(fields) > 0 {
+			policy[fields[0]] = fields[1:]
+		}
+	}
+	cdn := pinned.FindString(files[0])
+	want := map[string][]string{
+		"default-src":     {"'none'"},
+		"script-src":      {cdn, "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"},
+		"connect-src":     {"'self'"},
+		"frame-ancestors": {"'none'"},
+	}
+	for name, sources := range want {
+		if !slices.Equal(policy[name], sources) {
+			t.Errorf("Content-Security-Policy %s = %q, want %q", name, policy[name], sources)
+		}
+	}
+	if !slices.Contains(policy["style-src"], cdn) {
+		t.Errorf("Content-Security-Policy style-src = %q, want it to hold %s", policy["style-src"], cdn)
 	}
 }
 
@@ -2712,6 +2916,42 @@ func TestRunThrottleFlags(t *testing.T) {
 	}
 }
 
+// TestRunHostCheck: run refuses other host names when it listens on
+// loopback, takes them when it listens on every address, and takes an
+// -allow-host name on loopback too.
+func TestRunHostCheck(t *testing.T) {
+	t.Parallel() // run makes its dummy hash at DefaultCost
+	tests := []struct {
+		addr     string
+		allow    []string
+		statuses map[string]int // by Host
+	}{
+		{"127.0.0.1:0", nil, map[string]int{"rebind.evil.test": 400, "localhost:8080": 200, "127.0.0.1": 200}},
+		{"127.0.0.1:0", []string{"-allow-host", "myhost.test"}, map[string]int{"myhost.test": 200, "rebind.evil.test": 400}},
+		{":0", nil, map[string]int{"rebind.evil.test": 200, "myhost.test": 200}},
+	}
+	for _, tt := range tests {
+		ctx, cancel := context.WithCancel(context.Background())
+		args := append([]string{"-addr", tt.addr, "-users", filepath.Join(t.TempDir(), "users.json")}, tt.allow...)
+		addr, _, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
+		_, port, _ := net.SplitHostPort(addr)
+		for host, want := range tt.statuses {
+			req, _ := http.NewRequest("GET", "http://127.0.0.1:"+port+"/healthz", nil)
+			req.Host = host
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			if res.StatusCode != want {
+				t.Errorf("-addr %s %v, Host %s: status %d, want %d", tt.addr, tt.allow, host, res.StatusCode, want)
+			}
+		}
+		cancel()
+		waitRun(t, done)
+	}
+}
+
 // TestRunHelp: -h prints the flags with their defaults and is no error.
 // (A 100-failure default is read here rather than paid for in bcrypt runs.)
 func TestRunHelp(t *testing.T) {
@@ -2725,6 +2965,7 @@ func TestRunHelp(t *testing.T) {
 		`-max-failures-per-account int`, `(default 5)`,
 		`-max-failures-per-address int`, `(default 100)`,
 		`-max-connections-per-address int`, `(default 64)`,
+		`-allow-origin value`, `-allow-host value`,
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("-h output lacks %q:\n%s", want, out.String())
@@ -2807,6 +3048,10 @@ func TestRunRefusesToStart(t *testing.T) {
 		{"negative limit", []string{"-max-failures-per-account", "-1"}, map[string]string{"JWT_SECRET": testSecret}, []string{"max-failures-per-account"}},
 		{"negative connection limit", []string{"-max-connections-per-address", "-1"}, map[string]string{"JWT_SECRET": testSecret}, []string{"max-connections-per-address"}},
 		{"address in use", []string{"-addr", busy.Addr().String(), "-users", filepath.Join(dir, "b.json")}, map[string]string{"JWT_SECRET": testSecret}, []string{"listen"}},
+		{"any origin", []string{"-allow-origin", "*"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-origin", "*", "every page"}},
+		{"an origin with a path", []string{"-allow-origin", "http://localhost:5173/"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-origin", "path"}},
+		{"an origin without a scheme", []string{"-allow-origin", "localhost:5173"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-origin"}},
+		{"a host with a port", []string{"-allow-host", "myhost.local:8080"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-host", "port"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

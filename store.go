@@ -1,16 +1,14 @@
-// store.go holds the user store: every registered user, kept in memory for
-// fast lookups and in one human-readable JSON file so that users survive a
-// restart. It plays the part of the tutorial's database. It knows nothing
-// of HTTP or tokens, and of passwords only that a stored hash must be a
-// bcrypt hash.
+// store.go holds the user store, the tutorial's database: every user, in
+// memory for fast lookups and in one human-readable JSON file so that users
+// survive a restart. It knows nothing of HTTP or tokens, and of passwords
+// only that a stored hash is a bcrypt hash.
 //
-// Three promises shape it. A change reaches the disk before the caller is
-// told it happened, and it is written so that a crash at any instant leaves
-// either the old file or the new one whole. Memory never disagrees with the
-// file, and the file belongs to the server: a change made to it by hand
-// while the server runs is never overwritten. And a reader never waits for
-// the disk: the new file is written before the change is swapped into
-// memory, under a lock that readers do not take.
+// Three promises shape it. A change reaches the disk before the caller
+// hears of it, written so that a crash at any instant leaves the old file
+// or the new one whole. Memory never disagrees with the file, and a change
+// made to the file by hand while the server runs is never overwritten. And
+// a reader never waits for the disk: the new file is written first, then
+// swapped into memory under a lock that readers hold only for a lookup.
 
 package main
 
@@ -70,9 +68,8 @@ const (
 	maxWriteWait  = 2 * time.Second
 )
 
-// errStoreBusy refuses a change that did not get its turn to write the
-// users file within maxWriteWait, or whose caller gave up first. Nothing
-// was changed, so trying again can succeed.
+// errStoreBusy refuses a change that did not get its turn to write within
+// maxWriteWait, or whose caller gave up first. Nothing was changed.
 var errStoreBusy = errors.New("users file busy: other changes are being written")
 
 // store is the set of registered users. Create one with openStore.
@@ -82,33 +79,29 @@ type store struct {
 	disk         diskSteps
 	maxWriteWait time.Duration
 
-	// writing holds a token while a change is made, disk write included,
-	// so that changes happen one at a time; readers never take it. It also
-	// guards the fields up to mu, which only changes use.
+	// writing holds a token while a change is made, disk write included:
+	// changes take turns, readers never wait. It guards the fields up to mu.
 	writing chan struct{}
 	users   []User // every user, in the file's order
 	nextID  int64
 	written os.FileInfo // the file as last read or written; nil for none
 
-	// mu guards byEmail. Readers hold it for a map lookup; a change holds it
-	// only to put in a user whose file is already on disk.
+	// mu guards byEmail, held for a lookup, or to put in a user already on disk.
 	mu      sync.RWMutex
 	byEmail map[string]User // key: the user's normalised email
 }
 
-// diskSteps are the two steps of a write that make it durable and visible.
-// They are fields, set by openStore to the real ones, so that a test can
-// watch their order, make one fail, or act between them.
+// diskSteps are the steps of a write that make it durable and visible, as
+// fields so that a test can watch them, fail one, or act between them.
 type diskSteps struct {
 	sync   func(*os.File) error // flush a file, or a folder, to the disk
 	rename func(oldpath, newpath string) error
 }
 
-// openStore loads the users file at path. A missing file is an empty store;
-// it is created on the first change, so its folder must exist. A file that
-// cannot be read or is not a valid users file is an error naming it, and
-// the file is left as it is. A file others may read is loaded with a
-// warning.
+// openStore loads the users file at path. A missing file is an empty store,
+// created on the first change, so its folder must exist. A file that is not
+// a valid users file is an error naming it, and is left as it is. A file
+// others may read is loaded with a warning.
 func openStore(path string, logger *slog.Logger) (*store, error) {
 	file, err := followLinks(path)
 	if err != nil {
@@ -135,11 +128,11 @@ func openStore(path string, logger *slog.Logger) (*store, error) {
 		return nil, fmt.Errorf("open users file: %w", err)
 	}
 	defer f.Close()
-	info, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("read users file %s: %w", path, err)
+	info, err := f.Stat() // what the file is as read, for checkUnchanged
+	var data []byte
+	if err == nil {
+		data, err = io.ReadAll(f)
 	}
-	data, err := io.ReadAll(f)
 	if err != nil {
 		return nil, fmt.Errorf("read users file %s: %w", path, err)
 	}
@@ -158,9 +151,8 @@ func openStore(path string, logger *slog.Logger) (*store, error) {
 	return s, nil
 }
 
-// followLinks returns the file that path names: path itself, or, if path
-// is a symbolic link, the file at the end of its links, made or not. A
-// write replaces that file and leaves the links as they are.
+// followLinks returns path, or if it is a symbolic link, the file at the
+// end of its links, made or not: writes replace that file, links stay.
 func followLinks(path string) (string, error) {
 	for range 40 { // as many links as Linux follows
 		target, err := os.Readlink(path)
@@ -237,8 +229,7 @@ func (s *store) lookup(email string) (User, bool) {
 	return u, ok
 }
 
-// costliestHash returns the stored hash of the highest bcrypt cost, or ""
-// if there are none.
+// costliestHash returns the stored hash of the highest cost, or "".
 func (s *store) costliestHash() string {
 	s.writing <- struct{}{}
 	defer s.unlockWrites()
@@ -257,12 +248,9 @@ func hashCost(hash string) int {
 	return cost
 }
 
-// add registers a user with a normalised email and a password hash: it
-// writes the users file, and only then makes the user visible. If the new
-// file is not in place, nothing changes and the error says why. If it is,
-// but a later step failed, the user is kept, as the file does, and the
-// error still says why. Each change rewrites the whole file, so its cost
-// grows with the users.
+// add registers a user with a normalised email and a password hash, as
+// save writes it. Each change rewrites the whole file, so its cost grows
+// with the users.
 func (s *store) add(ctx context.Context, email, passwordHash string) (User, error) {
 	if err := s.lockWrites(ctx); err != nil {
 		return User{}, err
@@ -280,8 +268,7 @@ func (s *store) add(ctx context.Context, email, passwordHash string) (User, erro
 	return u, s.save(ctx, users, u.ID+1, u)
 }
 
-// setHash replaces the password hash of the user registered with email,
-// on disk and then in memory, as add does.
+// setHash replaces the password hash of the user of email, as save writes it.
 func (s *store) setHash(ctx context.Context, email, passwordHash string) error {
 	if err := s.lockWrites(ctx); err != nil {
 		return err
@@ -296,9 +283,9 @@ func (s *store) setHash(ctx context.Context, email, passwordHash string) error {
 	return s.save(ctx, users, s.nextID, users[i])
 }
 
-// lockWrites takes the turn to change the users file, waiting at most
-// maxWriteWait, or returns errStoreBusy: a change never queues without
-// bound behind others' writes, so its client always hears how it ended.
+// lockWrites takes the turn to change the file, or returns errStoreBusy
+// after maxWriteWait: a change never queues without bound behind others,
+// so its client always hears how it ended.
 func (s *store) lockWrites(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.maxWriteWait)
 	defer cancel()
@@ -312,10 +299,10 @@ func (s *store) lockWrites(ctx context.Context) error {
 
 func (s *store) unlockWrites() { <-s.writing }
 
-// save writes users and nextID to the users file, then makes them what
-// readers see; changed is the one user that differs. If the new file is
-// not in place, nothing changes. If it is but the folder's sync failed,
-// memory follows the file and the error still says why.
+// save writes users and nextID to the file, then makes them what readers
+// see; changed is the one user that differs. If the new file is not in
+// place, nothing changes. If it is, but the folder's sync failed, memory
+// follows the file, and the error still says why.
 func (s *store) save(ctx context.Context, users []User, nextID int64, changed User) error {
 	renamed, info, err := s.writeFile(ctx, storeFile{NextID: nextID, Users: users})
 	if !renamed {
@@ -332,11 +319,10 @@ func (s *store) save(ctx context.Context, users []User, nextID int64, changed Us
 }
 
 // writeFile replaces the users file with f, so that a crash at any instant
-// leaves either the old file or the new one whole: it writes a temporary
-// file in the same folder, flushes it to disk, renames it over the file,
-// and flushes the folder so that the rename itself is durable. It reports
-// whether the rename happened (from then on the new file is the one that
-// readers, and the next start, see) and the new file's info.
+// leaves the old file or the new one whole: a temporary file in the same
+// folder, flushed to disk, renamed over the file, then the folder flushed
+// so that the rename is durable too. It reports whether the rename
+// happened, after which the new file is the one everyone sees, and its info.
 func (s *store) writeFile(ctx context.Context, f storeFile) (renamed bool, info os.FileInfo, err error) {
 	dir, name := filepath.Split(s.file)
 	if dir == "" {
@@ -387,11 +373,10 @@ func (s *store) writeFile(ctx context.Context, f storeFile) (renamed bool, info 
 	return true, info, nil
 }
 
-// checkUnchanged returns an error if the users file is not the one the
-// server last read or wrote: someone changed it by hand, and writing now
-// would undo their change without a word. An edit in place changes the
-// file's size or modification time, and an editor's save (a new file
-// renamed over it) its identity; os.Stat tells all three without reading.
+// checkUnchanged returns an error if the users file is not as the server
+// last read or wrote it: writing now would undo a hand edit without a
+// word. An edit in place changes the size or modification time, and an
+// editor's save (a new file renamed over it) the identity: os.Stat tells.
 func (s *store) checkUnchanged() error {
 	now, err := os.Stat(s.path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -406,9 +391,8 @@ func (s *store) checkUnchanged() error {
 	return nil
 }
 
-// encodeStoreFile writes the users file's content to w: JSON with one user
-// per line, so that the file reads, and is edited, a user at a time. It is
-// written a user at a time, never held whole in memory.
+// encodeStoreFile writes the users file to w, never whole in memory: JSON
+// with one user per line, so that it reads, and is edited, a user at a time.
 func encodeStoreFile(w io.Writer, f storeFile) error {
 	out := bufio.NewWriter(w)
 	fmt.Fprintf(out, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
