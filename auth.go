@@ -47,6 +47,25 @@ func verifyPassword(password, hash string) bool {
 	return err == nil && len(password) <= maxPasswordBytes
 }
 
+// authenticateUser returns the user of a.users whose normalised email and
+// password these are, or errInvalidCredentials. Any password is simply
+// compared with the stored hash: no registration rule applies.
+func (a *accounts) authenticateUser(email, password string) (User, error) {
+	u, found := a.users.lookup(email)
+	if !found {
+		// The same bcrypt run as a wrong password, so that the time taken
+		// does not tell that the email is unknown.
+		verifyPassword(password, a.dummyHash)
+		return User{}, errInvalidCredentials
+	}
+	if !verifyPassword(password, u.PasswordHash) {
+		return User{}, errInvalidCredentials
+	}
+	return u, nil
+}
+
+// The defenses begin here.
+
 // accounts registers users and checks logins against the store.
 type accounts struct {
 	users     *store
@@ -80,23 +99,6 @@ func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int, 
 	}
 	return &accounts{users: users, cost: cost, dummyHash: dummyHash,
 		limiter: limiter, cpus: cpus, failureFloor: floor, now: time.Now, wait: sleep, logger: logger}, nil
-}
-
-// authenticateUser returns the user whose normalised email and password
-// these are, or errInvalidCredentials. Any password is simply compared with
-// the stored hash: no registration rule applies.
-func (a *accounts) authenticateUser(email, password string) (User, error) {
-	u, found := a.users.lookup(email)
-	if !found {
-		// The same bcrypt run as a wrong password, so that the time taken
-		// does not tell that the email is unknown.
-		verifyPassword(password, a.dummyHash)
-		return User{}, errInvalidCredentials
-	}
-	if !verifyPassword(password, u.PasswordHash) {
-		return User{}, errInvalidCredentials
-	}
-	return u, nil
 }
 
 // The defenses begin here.

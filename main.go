@@ -126,48 +126,6 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	return serve(ctx, srv, limitConnections(ln, *maxConns), logger)
 }
 
-// loadSecret returns the token signing secret from JWT_SECRET. Unset, it
-// makes a random one for this process; set but too short, it is an error.
-func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]byte, error) {
-	secret, ok := lookupEnv("JWT_SECRET")
-	if !ok {
-		logger.Warn("JWT_SECRET is not set: using a random secret, so tokens will not survive a restart")
-		random := make([]byte, minSecretBytes)
-		rand.Read(random) // never fails: it crashes the program rather than return weak bytes
-		return random, nil
-	}
-	if len(secret) < minSecretBytes {
-		return nil, fmt.Errorf("JWT_SECRET is %d bytes long; it must be at least %d", len(secret), minSecretBytes)
-	}
-	return []byte(secret), nil
-}
-
-// shutdownGrace is how long requests in flight may take to finish.
-const shutdownGrace = 5 * time.Second
-
-// serve serves srv on ln until ctx ends; then it stops accepting, and lets
-// the requests in flight finish for up to shutdownGrace.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	select {
-	case err := <-serveErr:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
-	}
-
-	logger.Info("shutting down: finishing requests in flight")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		logger.Warn("requests still in flight were cut off", "err", err)
-		srv.Close()
-	}
-	<-serveErr // http.ErrServerClosed, once Serve has returned
-	logger.Info("stopped")
-	return nil
-}
-
 // newServer returns the server's handler: the routes, each inside the
 // defenses it needs, and around them all the request log, the headers of
 // every response, the origins and hosts web allows, and the mux's own 404
@@ -501,6 +459,48 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.WriteHeader(status)
 	// The status is sent; an error here is a client that went away.
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// loadSecret returns the token signing secret from JWT_SECRET. Unset, it
+// makes a random one for this process; set but too short, it is an error.
+func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]byte, error) {
+	secret, ok := lookupEnv("JWT_SECRET")
+	if !ok {
+		logger.Warn("JWT_SECRET is not set: using a random secret, so tokens will not survive a restart")
+		random := make([]byte, minSecretBytes)
+		rand.Read(random) // never fails: it crashes the program rather than return weak bytes
+		return random, nil
+	}
+	if len(secret) < minSecretBytes {
+		return nil, fmt.Errorf("JWT_SECRET is %d bytes long; it must be at least %d", len(secret), minSecretBytes)
+	}
+	return []byte(secret), nil
+}
+
+// shutdownGrace is how long requests in flight may take to finish.
+const shutdownGrace = 5 * time.Second
+
+// serve serves srv on ln until ctx ends; then it stops accepting, and lets
+// the requests in flight finish for up to shutdownGrace.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.Logger) error {
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down: finishing requests in flight")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("requests still in flight were cut off", "err", err)
+		srv.Close()
+	}
+	<-serveErr // http.ErrServerClosed, once Serve has returned
+	logger.Info("stopped")
+	return nil
 }
 
 // routingErrorsInJSON answers in JSON, as FastAPI does, what the mux
