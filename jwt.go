@@ -17,7 +17,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -132,51 +131,69 @@ func decodeSegment(seg string) (map[string]any, error) {
 
 // decodeObject decodes data, one JSON object and nothing after it, into a
 // map of its members: for bodies and tokens alike, more strictly than
-// json.Unmarshal, so that no two readers of one text can disagree about it.
-// A member counts only under its exact name (a struct field would match
-// "EMAIL", or "paſſword" with a long s), a name twice is refused, not
-// last-wins, and text that is not UTF-8 is refused, not mended.
+// json.Unmarshal alone, so that no two readers of one text can disagree
+// about it. A member counts only under its exact name (a struct field
+// would match "EMAIL", or "paſſword" with a long s), a name twice is
+// refused, not last-wins, and text that is not UTF-8 is refused, not mended.
 func decodeObject(data []byte) (map[string]any, error) {
 	if !utf8.Valid(data) {
 		return nil, errors.New("must be valid UTF-8")
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	switch start, err := dec.Token(); {
-	case err == io.EOF:
+	if len(bytes.TrimSpace(data)) == 0 {
 		return nil, errors.New("must not be empty")
-	case err != nil:
-		return nil, malformed(err)
-	case start != json.Delim('{'):
-		return nil, errors.New("must be a JSON object")
 	}
-	object := map[string]any{}
-	for dec.More() {
-		name, err := dec.Token() // inside an object, a string or an error
-		if err != nil {
-			return nil, malformed(err)
+	var object map[string]any
+	if err := json.Unmarshal(data, &object); err != nil || object == nil {
+		if syntaxErr := (*json.SyntaxError)(nil); errors.As(err, &syntaxErr) {
+			return nil, fmt.Errorf("is not one JSON object: it is malformed at byte %d", syntaxErr.Offset)
 		}
-		var value any
-		if err := dec.Decode(&value); err != nil {
-			return nil, malformed(err)
-		}
-		if _, twice := object[name.(string)]; twice {
-			return nil, fmt.Errorf("names %q twice", name)
-		}
-		object[name.(string)] = value
+		return nil, errors.New("must be a JSON object") // another type of value, or null
 	}
-	if _, err := dec.Token(); err != nil { // the closing brace
-		return nil, malformed(err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, errors.New("must hold one JSON object and nothing after it")
+	if len(object) > 0 && countMembers(data) != len(object) { // the map kept one of two
+		return nil, fmt.Errorf("names %q twice", twiceNamed(data))
 	}
 	return object, nil
 }
 
-// malformed says where JSON broke off, for a person.
-func malformed(err error) error {
-	if syntaxErr := (*json.SyntaxError)(nil); errors.As(err, &syntaxErr) {
-		return fmt.Errorf("is malformed JSON at byte %d", syntaxErr.Offset)
+// twiceNamed returns the first name that a valid object gives two members.
+func twiceNamed(object []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(object))
+	dec.Token() // the opening brace
+	seen := map[string]bool{}
+	for dec.More() {
+		token, _ := dec.Token()
+		name, _ := token.(string)
+		if seen[name] {
+			return name
+		}
+		seen[name] = true
+		var value json.RawMessage
+		dec.Decode(&value)
 	}
-	return errors.New("is malformed JSON: it ends too soon")
+	return ""
+}
+
+// countMembers counts the members of an object that json.Unmarshal has
+// found valid: the commas outside strings and inside the outermost braces
+// only, plus one.
+func countMembers(object []byte) int {
+	n, depth, inString, escaped := 1, 0, false, false
+	for _, c := range object {
+		switch {
+		case escaped:
+			escaped = false
+		case inString:
+			escaped = c == '\\'
+			inString = c != '"'
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+		case c == '}' || c == ']':
+			depth--
+		case c == ',' && depth == 1:
+			n++
+		}
+	}
+	return n
 }

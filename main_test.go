@@ -13,7 +13,7 @@
 //  7. Tokens: createAccessToken and verifyAccessToken
 //  8. Store: the users file
 //  9. Run: the program, its flags, its log and its lifecycle
-//  10. Fuzz: arbitrary tokens and request bodies
+//  10. Fuzz: arbitrary tokens, JSON objects and request bodies
 //  11. Benchmarks
 
 package main
@@ -3215,6 +3215,39 @@ func FuzzVerifyAccessToken(f *testing.F) {
 				continue
 			}
 			checkAccepted(t, tok, sub, key, now)
+		}
+	})
+}
+
+// FuzzDecodeObject checks decodeObject's count of members against a
+// reading of the object one token at a time: it refuses exactly the valid
+// objects that name a member twice, and accepts every other valid one.
+func FuzzDecodeObject(f *testing.F) {
+	for _, seed := range []string{`{"a":1}`, `{"a":1,"a":2}`, `{"a":"x,y","b":[1,{"c":2,"c":3}]}`, `{"a\\\"":1,"a\\":2}`, `{"\u0061":1,"a":2}`, `{}`, `[1,2]`, `{"a":1} x`} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		object, err := decodeObject(data)
+		var m map[string]any
+		if !utf8.Valid(data) || json.Unmarshal(data, &m) != nil || m == nil {
+			if err == nil {
+				t.Fatalf("decodeObject(%q) accepted what json.Unmarshal refuses", data)
+			}
+			return
+		}
+		dec := json.NewDecoder(bytes.NewReader(data))
+		dec.Token()
+		seen, twice := map[string]bool{}, false
+		for dec.More() {
+			token, _ := dec.Token()
+			name, _ := token.(string)
+			twice = twice || seen[name]
+			seen[name] = true
+			var value json.RawMessage
+			dec.Decode(&value)
+		}
+		if twice != (err != nil) || (err == nil && len(object) != len(seen)) {
+			t.Fatalf("decodeObject(%q) = %v, %v; a name given twice: %v", data, object, err, twice)
 		}
 	})
 }
