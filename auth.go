@@ -73,35 +73,24 @@ type accounts struct {
 	dummyHash string // compared for an unknown email, so that it takes as long as a wrong password
 
 	// The defenses around the chapter's functions.
-	limiter      *loginLimiter
-	cpus         *cpuSlots
-	failureFloor time.Duration                        // how long every failed login takes, at least
-	now          func() time.Time                     // the clock that times a login
-	wait         func(context.Context, time.Duration) // waits out the failure floor
-	logger       *slog.Logger
+	limiter   *loginLimiter
+	cpus      *cpuSlots
+	costliest int                                  // the highest bcrypt cost, stored or new, as at start
+	now       func() time.Time                     // the clock that times a comparison
+	wait      func(context.Context, time.Duration) // waits out the rest of a failure's time
+	logger    *slog.Logger
 }
 
 // newAccounts returns accounts over users, hashing new passwords at cost,
-// throttling failed logins with limiter and running bcrypt in cpus. The
-// failure floor is one comparison with the costliest hash there is; making
-// a hash takes as long as comparing with one of its cost.
+// throttling failed logins with limiter and running bcrypt in cpus.
 func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int, logger *slog.Logger) (*accounts, error) {
-	start := time.Now()
 	dummyHash, err := hashPassword(rand.Text(), cost)
 	if err != nil {
 		return nil, fmt.Errorf("make dummy hash: %w", err)
 	}
-	floor := time.Since(start)
-	if costliest := users.costliestHash(); hashCost(costliest) > cost {
-		start = time.Now()
-		verifyPassword(rand.Text(), costliest)
-		floor = time.Since(start)
-	}
-	return &accounts{users: users, cost: cost, dummyHash: dummyHash,
-		limiter: limiter, cpus: cpus, failureFloor: floor, now: time.Now, wait: sleep, logger: logger}, nil
+	return &accounts{users: users, cost: cost, dummyHash: dummyHash, limiter: limiter, cpus: cpus,
+		costliest: max(cost, users.costliestCost()), now: time.Now, wait: sleep, logger: logger}, nil
 }
-
-// The defenses begin here.
 
 // login is authenticateUser defended: the throttle decides, the password is
 // checked in a CPU slot, the throttle learns the result. It returns the
@@ -120,12 +109,18 @@ func (a *accounts) login(ctx context.Context, client, email, password string) (U
 	}
 	start := a.now()
 	u, err := a.authenticateUser(email, password)
+	took := a.now().Sub(start)
 	a.cpus.release()
 	if err != nil {
-		// As long as the costliest comparison, whatever this hash's cost: a
-		// cheaper one answering sooner would tell that its email exists.
-		// Waited out of the CPU slot, so that the CPUs work on.
-		a.wait(ctx, a.failureFloor-a.now().Sub(start))
+		// As long as a comparison with the costliest hash would have taken
+		// now, whatever this one's cost: a cheaper hash answering sooner
+		// would tell that its email exists. bcrypt's time doubles with each
+		// step of cost; the rest is waited out of the CPU slot.
+		compared := a.cost // the dummy hash's
+		if stored, found := a.users.lookup(email); found {
+			compared = hashCost(stored.PasswordHash)
+		}
+		a.wait(ctx, took<<max(0, a.costliest-compared)-took)
 		return User{}, err
 	}
 	a.limiter.succeeded(client, email)

@@ -147,6 +147,9 @@ func decodeObject(data []byte) (map[string]any, error) {
 		if syntaxErr := (*json.SyntaxError)(nil); errors.As(err, &syntaxErr) {
 			return nil, fmt.Errorf("is not one JSON object: it is malformed at byte %d", syntaxErr.Offset)
 		}
+		if typeErr := (*json.UnmarshalTypeError)(nil); errors.As(err, &typeErr) && object != nil {
+			return nil, fmt.Errorf("holds a %s, out of range", typeErr.Value)
+		}
 		return nil, errors.New("must be a JSON object") // another type of value, or null
 	}
 	if len(object) > 0 && countMembers(data) != len(object) { // the map kept one of two

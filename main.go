@@ -141,8 +141,8 @@ func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() t
 	mux.Handle("GET /openapi.json", handleFile("application/json", "", openAPIJSON))
 	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPolicy, docsPage))
 	// Around every route, outermost first.
-	return logRequests(logger, commonHeaders(allowOrigins(web.allowOrigins, mux,
-		checkHost(web, routingErrorsInJSON(mux)))))
+	return logRequests(logger, commonHeaders(checkHost(web,
+		allowOrigins(web.allowOrigins, mux, routingErrorsInJSON(mux)))))
 }
 
 // handleRegister creates a user from {"email", "password"}.

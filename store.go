@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -167,11 +168,14 @@ func followLinks(path string) (string, error) {
 	return "", fmt.Errorf("users file %s: too many symbolic links", path)
 }
 
-// decodeStoreFile parses and checks a users file: one JSON object, no
+// decodeStoreFile parses and checks a users file: UTF-8, one JSON object, no
 // unknown fields (a later write would drop them), ids positive, unique and
 // below 2^53, emails normalised and unique, every hash a bcrypt hash of a
 // cost the server can bear, and next_id, if given, above every id.
 func decodeStoreFile(data []byte, f *storeFile) error {
+	if !utf8.Valid(data) { // else it would be mended, then written back mended
+		return errors.New("not valid UTF-8")
+	}
 	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
 		return errors.New("not a JSON object")
 	}
@@ -229,15 +233,13 @@ func (s *store) lookup(email string) (User, bool) {
 	return u, ok
 }
 
-// costliestHash returns the stored hash of the highest cost, or "".
-func (s *store) costliestHash() string {
-	s.writing <- struct{}{}
+// costliestCost returns the highest bcrypt cost of the stored hashes.
+func (s *store) costliestCost() int {
+	s.writing <- struct{}{} // the turn to read s.users, as a change takes it
 	defer s.unlockWrites()
-	costliest := ""
+	costliest := 0
 	for _, u := range s.users {
-		if costliest == "" || hashCost(u.PasswordHash) > hashCost(costliest) {
-			costliest = u.PasswordHash
-		}
+		costliest = max(costliest, hashCost(u.PasswordHash))
 	}
 	return costliest
 }
