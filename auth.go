@@ -3,7 +3,9 @@
 // up and checks the password. Then the defenses around them: accounts.login
 // and accounts.register, which the handlers call, run the chapter's steps
 // inside the throttle (loginLimiter), which stops password guessing, and a
-// CPU slot (cpuSlots), which keeps bcrypt from overloading the CPUs.
+// CPU slot (cpuSlots), which keeps bcrypt from overloading the CPUs; login
+// also makes every failure take as long as the costliest one, and rehashes
+// a cheap stored hash after a success.
 
 package main
 
@@ -135,18 +137,23 @@ func (a *accounts) rehash(ctx context.Context, u User, password string) {
 	if hashCost(u.PasswordHash) >= a.cost {
 		return
 	}
-	err := a.cpus.acquire(ctx)
-	if err == nil {
-		var hash string
-		hash, err = hashPassword(password, a.cost)
-		a.cpus.release()
-		if err == nil {
-			err = a.users.setHash(ctx, u.Email, hash)
-		}
-	}
-	if err != nil {
+	if err := a.storeNewHash(ctx, u.Email, password); err != nil {
 		a.logger.Warn("password not rehashed at the server's cost; the old hash stays", "user", u.ID, "err", err)
 	}
+}
+
+// storeNewHash hashes password at the server's cost, in a CPU slot, and
+// stores the hash for email.
+func (a *accounts) storeNewHash(ctx context.Context, email, password string) error {
+	if err := a.cpus.acquire(ctx); err != nil {
+		return err
+	}
+	hash, err := hashPassword(password, a.cost)
+	a.cpus.release()
+	if err != nil {
+		return err
+	}
+	return a.users.setHash(ctx, email, hash)
 }
 
 // register creates a user: the rules, hashPassword in a CPU slot, then the

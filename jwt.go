@@ -6,6 +6,8 @@
 //
 // A token is three base64url segments joined by dots: a header saying how
 // it is signed, the claims, and the HMAC-SHA256 of the first two segments.
+// Its header and claims are read by decodeObject, the one strict JSON
+// reader, which request bodies share.
 
 package main
 

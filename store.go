@@ -388,7 +388,7 @@ func (s *store) checkUnchanged() error {
 		now != nil && s.written != nil && os.SameFile(now, s.written) &&
 			now.Size() == s.written.Size() && now.ModTime().Equal(s.written.ModTime())
 	if !unchanged {
-		return fmt.Errorf("users file %s changed on disk while the server ran, so it was not overwritten: restart the server to load it", s.path)
+		return errors.New("the file changed on disk while the server ran, so it was not overwritten: restart the server to load it")
 	}
 	return nil
 }
