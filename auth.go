@@ -1,22 +1,19 @@
 // auth.go holds passwords and logins. First the chapter's own functions:
 // hashPassword, verifyPassword, and authenticateUser, which looks the user
-// up and checks the password. Then the defenses around them: accounts.login
-// and accounts.register, which the handlers call, run the chapter's steps
-// inside the throttle (loginLimiter), which stops password guessing, and a
-// CPU slot (cpuSlots), which keeps bcrypt from overloading the CPUs; login
-// also makes every failure take as long as the costliest one, and rehashes
-// a cheap stored hash after a success.
+// up and checks the password; then the rules a new password and email must
+// follow. Then the defenses' machinery, which main.go's wrappers put around
+// the routes: cpuSlots, which keeps bcrypt from overloading the CPUs;
+// compareAgain, which makes every failed login cost the costliest
+// comparison; and loginLimiter, which stops password guessing.
 
 package main
 
 import (
 	"container/list"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/mail"
 	"runtime"
 	"strings"
@@ -49,137 +46,22 @@ func verifyPassword(password, hash string) bool {
 	return err == nil && len(password) <= maxPasswordBytes
 }
 
-// authenticateUser returns the user of a.users whose normalised email and
-// password these are, or errInvalidCredentials. Any password is simply
-// compared with the stored hash: no registration rule applies.
-func (a *accounts) authenticateUser(email, password string) (User, error) {
-	u, found := a.users.lookup(email)
+// authenticateUser returns the user of users whose email and password
+// these are, or errInvalidCredentials: the chapter's lookup by email and
+// its one condition for both failures. Any password is simply compared
+// with the stored hash: no registration rule applies.
+func authenticateUser(users *store, dummyHash, email, password string) (User, error) {
+	u, found := users.lookup(normalizeEmail(email))
 	if !found {
 		// The same bcrypt run as a wrong password, so that the time taken
 		// does not tell that the email is unknown.
-		verifyPassword(password, a.dummyHash)
+		verifyPassword(password, dummyHash)
 		return User{}, errInvalidCredentials
 	}
 	if !verifyPassword(password, u.PasswordHash) {
 		return User{}, errInvalidCredentials
 	}
 	return u, nil
-}
-
-// The defenses begin here.
-
-// accounts registers users and checks logins against the store.
-type accounts struct {
-	users     *store
-	cost      int    // bcrypt cost of new hashes: bcrypt.DefaultCost, or MinCost in tests
-	dummyHash string // compared for an unknown email, so that it takes as long as a wrong password
-
-	// The defenses around the chapter's functions.
-	limiter   *loginLimiter
-	cpus      *cpuSlots
-	costliest int                                  // the highest bcrypt cost, stored or new, as at start
-	now       func() time.Time                     // the clock that times a comparison
-	wait      func(context.Context, time.Duration) // waits out the rest of a failure's time
-	logger    *slog.Logger
-}
-
-// newAccounts returns accounts over users, hashing new passwords at cost,
-// throttling failed logins with limiter and running bcrypt in cpus.
-func newAccounts(users *store, limiter *loginLimiter, cpus *cpuSlots, cost int, logger *slog.Logger) (*accounts, error) {
-	dummyHash, err := hashPassword(rand.Text(), cost)
-	if err != nil {
-		return nil, fmt.Errorf("make dummy hash: %w", err)
-	}
-	return &accounts{users: users, cost: cost, dummyHash: dummyHash, limiter: limiter, cpus: cpus,
-		costliest: max(cost, users.costliestCost()), now: time.Now, wait: sleep, logger: logger}, nil
-}
-
-// login is authenticateUser defended: the throttle decides, the password is
-// checked in a CPU slot, the throttle learns the result. It returns the
-// user, errInvalidCredentials, a *throttledError if client (the caller's
-// address) failed too often, or errServerBusy.
-func (a *accounts) login(ctx context.Context, client, email, password string) (User, error) {
-	email = normalizeEmail(email)
-	// Alike for registered and unknown emails, and before bcrypt: a
-	// throttled login costs nothing, waits for nothing and tells nothing.
-	if err := a.limiter.begin(client, email); err != nil {
-		return User{}, err
-	}
-	if err := a.cpus.acquire(ctx); err != nil {
-		a.limiter.cancel(client, email) // the password was not checked
-		return User{}, err
-	}
-	start := a.now()
-	u, err := a.authenticateUser(email, password)
-	took := a.now().Sub(start)
-	a.cpus.release()
-	if err != nil {
-		// As long as a comparison with the costliest hash would have taken
-		// now, whatever this one's cost: a cheaper hash answering sooner
-		// would tell that its email exists. bcrypt's time doubles with each
-		// step of cost; the rest is waited out of the CPU slot.
-		compared := a.cost // the dummy hash's
-		if stored, found := a.users.lookup(email); found {
-			compared = hashCost(stored.PasswordHash)
-		}
-		a.wait(ctx, took<<max(0, a.costliest-compared)-took)
-		return User{}, err
-	}
-	a.limiter.succeeded(client, email)
-	a.rehash(ctx, u, password)
-	return u, nil
-}
-
-// rehash stores a new hash of the password at the server's cost if the
-// user's is cheaper, as passlib's verify_and_update does. If it cannot, the
-// old hash stays, and still works.
-func (a *accounts) rehash(ctx context.Context, u User, password string) {
-	if hashCost(u.PasswordHash) >= a.cost {
-		return
-	}
-	if err := a.storeNewHash(ctx, u.Email, password); err != nil {
-		a.logger.Warn("password not rehashed at the server's cost; the old hash stays", "user", u.ID, "err", err)
-	}
-}
-
-// storeNewHash hashes password at the server's cost, in a CPU slot, and
-// stores the hash for email.
-func (a *accounts) storeNewHash(ctx context.Context, email, password string) error {
-	if err := a.cpus.acquire(ctx); err != nil {
-		return err
-	}
-	hash, err := hashPassword(password, a.cost)
-	a.cpus.release()
-	if err != nil {
-		return err
-	}
-	return a.users.setHash(ctx, email, hash)
-}
-
-// register creates a user: the rules, hashPassword in a CPU slot, then the
-// store. It returns a validationError if the email or password breaks a
-// rule, errEmailTaken, or errServerBusy.
-func (a *accounts) register(ctx context.Context, email, password string) (User, error) {
-	email = normalizeEmail(email)
-	if err := validateEmail(email); err != nil {
-		return User{}, err
-	}
-	if err := validatePassword(password, email); err != nil {
-		return User{}, err
-	}
-	// The store decides races; this check only spares a bcrypt run.
-	if _, taken := a.users.lookup(email); taken {
-		return User{}, errEmailTaken
-	}
-	if err := a.cpus.acquire(ctx); err != nil {
-		return User{}, err
-	}
-	hash, err := hashPassword(password, a.cost)
-	a.cpus.release()
-	if err != nil {
-		return User{}, err
-	}
-	return a.users.add(ctx, email, hash)
 }
 
 // The rules for what a user registers with.
@@ -214,13 +96,14 @@ func validateEmail(email string) error {
 	return nil
 }
 
-// validatePassword checks a new password for a valid email, as NIST SP
+// validatePassword checks a new password for an email, as NIST SP
 // 800-63B-4 asks: at least 15 characters, each code point counting as one,
 // no rules on kinds of characters; not the email, nor holding its local
 // part (before the @) if that has 4 characters or more. And at most 72
 // bytes, all that bcrypt reads.
 func validatePassword(password, email string) error {
-	local := email[:strings.LastIndexByte(email, '@')]
+	local := email[:max(0, strings.LastIndexByte(email, '@'))] // "" for an email without @
+
 	switch {
 	case utf8.RuneCountInString(password) < minPasswordChars:
 		return validationError(fmt.Sprintf("password must be at least %d characters", minPasswordChars))
@@ -232,6 +115,26 @@ func validatePassword(password, email string) error {
 		return validationError(fmt.Sprintf("password must not contain %q, the email's part before the @", local))
 	}
 	return nil
+}
+
+// The defenses begin here.
+
+// hashCost returns the cost of a bcrypt hash, 0 for one it cannot parse.
+func hashCost(hash string) int {
+	cost, _ := bcrypt.Cost([]byte(hash))
+	return cost
+}
+
+// compareAgain compares password with hash, whose comparison has just
+// failed, as many more times as make the work of one comparison at cost
+// costliest: bcrypt's work doubles with each step of cost, so a hash two
+// steps cheaper is compared three more times. So a failed login costs the
+// same time, and the same time in its CPU slot, whatever the cost of the
+// hash it was checked against, and tells nobody whether its email exists.
+func compareAgain(password, hash string, costliest int) {
+	for range 1<<max(0, costliest-hashCost(hash)) - 1 {
+		verifyPassword(password, hash)
+	}
 }
 
 // errServerBusy refuses a request that found no CPU free to run bcrypt in
@@ -273,31 +176,11 @@ func (c *cpuSlots) acquire(ctx context.Context) error {
 
 func (c *cpuSlots) release() { <-c.slots }
 
-// sleep waits for d, or until ctx ends.
-func sleep(ctx context.Context, d time.Duration) {
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-	case <-ctx.Done():
-	}
-}
-
 // Throttling of failed logins.
 const (
 	failureWindow     = 15 * time.Minute
 	maxLimiterEntries = 100_000 // bounds the counters' memory
 )
-
-// throttledError refuses a login, without checking it, to a client that
-// failed too often; it may try again after retryAfter.
-type throttledError struct {
-	retryAfter time.Duration // whole seconds, rounded up, as Retry-After counts
-}
-
-func (e *throttledError) Error() string {
-	return fmt.Sprintf("too many failed logins: retry after %v", e.retryAfter)
-}
 
 // loginLimiter stops password guessing (RFC 6749 section 4.3.2): it counts
 // failed logins for each client address and email, and for each address,
@@ -352,9 +235,10 @@ func newLoginLimiter(maxPerAccount, maxPerAddress int, now func() time.Time) *lo
 	}
 }
 
-// begin counts a login attempt by addr for email as a failure, or returns a
-// *throttledError, counting nothing, if a limit is already reached.
-func (l *loginLimiter) begin(addr, email string) error {
+// begin counts a login attempt by addr for email as a failure, and returns
+// 0. If a limit is already reached, it counts nothing and returns how long
+// the attempt must wait, in whole seconds rounded up, as Retry-After says.
+func (l *loginLimiter) begin(addr, email string) (retryAfter time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
@@ -363,11 +247,11 @@ func (l *loginLimiter) begin(addr, email string) error {
 	account, address := limiterKeys(addr, email)
 	wait := max(l.wait(account, l.maxPerAccount, now), l.wait(address, l.maxPerAddress, now))
 	if wait > 0 {
-		return &throttledError{retryAfter: (wait + time.Second - 1).Truncate(time.Second)}
+		return (wait + time.Second - 1).Truncate(time.Second)
 	}
 	l.count(account, l.maxPerAccount, now)
 	l.count(address, l.maxPerAddress, now)
-	return nil
+	return 0
 }
 
 // succeeded clears the count of addr and email after a login succeeded, and

@@ -6,22 +6,19 @@
 //
 // A token is three base64url segments joined by dots: a header saying how
 // it is signed, the claims, and the HMAC-SHA256 of the first two segments.
-// Its header and claims are read by decodeObject, the one strict JSON
-// reader, which request bodies share.
 
 package main
 
 import (
-	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
-	"encoding/json"
+	"encoding/json/jsontext"
+	"encoding/json/v2"
 	"errors"
 	"fmt"
 	"strings"
 	"time"
-	"unicode/utf8"
 )
 
 const (
@@ -67,20 +64,25 @@ func verifyAccessToken(token string, secret []byte, now time.Time) (string, erro
 		return "", fmt.Errorf("%w: not three base64url segments", errInvalidToken)
 	}
 
-	header, err := decodeSegment(segs[0])
-	if err != nil {
+	// Typ and Crit are kept as raw JSON, so that null is not taken for absent.
+	var header struct {
+		Alg  string         `json:"alg"`
+		Typ  jsontext.Value `json:"typ"`
+		Crit jsontext.Value `json:"crit"`
+	}
+	if err := decodeSegment(segs[0], &header); err != nil {
 		return "", fmt.Errorf("%w: header: %w", errInvalidToken, err)
 	}
 	// Only HS256: a token must not choose its own check ("none", or an
 	// algorithm whose key could be confused with ours).
-	if alg, _ := header["alg"].(string); alg != "HS256" {
+	if header.Alg != "HS256" {
 		return "", fmt.Errorf("%w: alg is not HS256", errInvalidToken)
 	}
-	if typ, present := header["typ"]; present && typ != "JWT" {
+	if header.Typ != nil && string(header.Typ) != `"JWT"` {
 		return "", fmt.Errorf("%w: typ is not JWT", errInvalidToken)
 	}
 	// crit lists extensions the token says we must understand; we know none.
-	if _, present := header["crit"]; present {
+	if header.Crit != nil {
 		return "", fmt.Errorf("%w: crit present", errInvalidToken)
 	}
 
@@ -91,28 +93,32 @@ func verifyAccessToken(token string, secret []byte, now time.Time) (string, erro
 		return "", fmt.Errorf("%w: bad signature", errInvalidToken)
 	}
 
-	claims, err := decodeSegment(segs[1])
-	if err != nil {
+	// Nbf is kept as raw JSON, so that null is not taken for absent.
+	var claims struct {
+		Sub string         `json:"sub"`
+		Exp *float64       `json:"exp"` // nil if absent or null
+		Nbf jsontext.Value `json:"nbf"`
+	}
+	if err := decodeSegment(segs[1], &claims); err != nil {
 		return "", fmt.Errorf("%w: claims: %w", errInvalidToken, err)
 	}
 	nowSeconds := float64(now.UnixNano()) / 1e9 // exp and nbf may have fractions
-	exp, ok := claims["exp"].(float64)
-	if !ok {
+	if claims.Exp == nil {
 		return "", fmt.Errorf("%w: exp missing or not a number", errInvalidToken)
 	}
-	if nowSeconds >= exp {
+	if nowSeconds >= *claims.Exp {
 		return "", fmt.Errorf("%w: expired", errInvalidToken)
 	}
-	if nbf, present := claims["nbf"]; present {
-		if nbf, ok := nbf.(float64); !ok || nbf > nowSeconds {
+	if claims.Nbf != nil {
+		var nbf float64
+		if claims.Nbf.Kind() != '0' || json.Unmarshal(claims.Nbf, &nbf) != nil || nbf > nowSeconds {
 			return "", fmt.Errorf("%w: nbf not a number or in the future", errInvalidToken)
 		}
 	}
-	sub, _ := claims["sub"].(string)
-	if sub == "" {
+	if claims.Sub == "" {
 		return "", fmt.Errorf("%w: sub missing or not a non-empty string", errInvalidToken)
 	}
-	return sub, nil
+	return claims.Sub, nil
 }
 
 // sign returns the HMAC-SHA256 of a token's signing input under secret.
@@ -122,83 +128,15 @@ func sign(signingInput string, secret []byte) []byte {
 	return mac.Sum(nil)
 }
 
-// decodeSegment decodes a base64url segment that holds a JSON object.
-func decodeSegment(seg string) (map[string]any, error) {
+// decodeSegment decodes a base64url segment that holds one JSON object into
+// the struct v points to. encoding/json/v2 matches member names exactly and
+// refuses a name given twice, text that is not UTF-8 and anything after the
+// value, so that no two readers of one token can disagree about it. (A
+// segment that is null or not an object leaves alg or exp missing.)
+func decodeSegment(seg string, v any) error {
 	data, err := b64.DecodeString(seg)
 	if err != nil {
-		return nil, fmt.Errorf("base64url: %w", err)
+		return fmt.Errorf("base64url: %w", err)
 	}
-	return decodeObject(data)
-}
-
-// decodeObject decodes data, one JSON object and nothing after it, into a
-// map of its members: for bodies and tokens alike, more strictly than
-// json.Unmarshal alone, so that no two readers of one text can disagree
-// about it. A member counts only under its exact name (a struct field
-// would match "EMAIL", or "paſſword" with a long s), a name twice is
-// refused, not last-wins, and text that is not UTF-8 is refused, not mended.
-func decodeObject(data []byte) (map[string]any, error) {
-	if !utf8.Valid(data) {
-		return nil, errors.New("must be valid UTF-8")
-	}
-	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, errors.New("must not be empty")
-	}
-	var object map[string]any
-	if err := json.Unmarshal(data, &object); err != nil || object == nil {
-		if syntaxErr := (*json.SyntaxError)(nil); errors.As(err, &syntaxErr) {
-			return nil, fmt.Errorf("is not one JSON object: it is malformed at byte %d", syntaxErr.Offset)
-		}
-		if typeErr := (*json.UnmarshalTypeError)(nil); errors.As(err, &typeErr) && object != nil {
-			return nil, fmt.Errorf("holds a %s, out of range", typeErr.Value)
-		}
-		return nil, errors.New("must be a JSON object") // another type of value, or null
-	}
-	if len(object) > 0 && countMembers(data) != len(object) { // the map kept one of two
-		return nil, fmt.Errorf("names %q twice", twiceNamed(data))
-	}
-	return object, nil
-}
-
-// twiceNamed returns the first name that a valid object gives two members.
-func twiceNamed(object []byte) string {
-	dec := json.NewDecoder(bytes.NewReader(object))
-	dec.Token() // the opening brace
-	seen := map[string]bool{}
-	for dec.More() {
-		token, _ := dec.Token()
-		name, _ := token.(string)
-		if seen[name] {
-			return name
-		}
-		seen[name] = true
-		var value json.RawMessage
-		dec.Decode(&value)
-	}
-	return ""
-}
-
-// countMembers counts the members of an object that json.Unmarshal has
-// found valid: the commas outside strings and inside the outermost braces
-// only, plus one.
-func countMembers(object []byte) int {
-	n, depth, inString, escaped := 1, 0, false, false
-	for _, c := range object {
-		switch {
-		case escaped:
-			escaped = false
-		case inString:
-			escaped = c == '\\'
-			inString = c != '"'
-		case c == '"':
-			inString = true
-		case c == '{' || c == '[':
-			depth++
-		case c == '}' || c == ']':
-			depth--
-		case c == ',' && depth == 1:
-			n++
-		}
-	}
-	return n
+	return json.Unmarshal(data, v)
 }

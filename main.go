@@ -4,9 +4,9 @@
 // and get an OAuth2-style bearer token that opens /users/me.
 //
 // This file holds the program, the routes and the handlers, then the
-// defenses around them. run builds the server; newServer names the routes;
-// each handle* function reads the request, calls into auth.go, jwt.go or
-// store.go, and answers with writeJSON or writeError.
+// defenses around them. run builds the server; newServer names the routes,
+// each with the wrappers around it; each handle* function reads the
+// request, calls into auth.go, jwt.go or store.go, and answers.
 package main
 
 import (
@@ -14,7 +14,8 @@ import (
 	"context"
 	"crypto/rand"
 	_ "embed"
-	"encoding/json"
+	"encoding/json/jsontext"
+	"encoding/json/v2"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,9 +37,6 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 )
-
-// maxBodyBytes caps every request body.
-const maxBodyBytes = 64 << 10
 
 func main() {
 	if err := run(context.Background(), os.Args[1:], os.LookupEnv, os.Stderr); err != nil {
@@ -94,15 +92,16 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return err
 	}
-	// Loading many users and timing a costly hash take a while; a signal
+	// Loading many users and making the dummy hash take a while; a signal
 	// meanwhile stops the program at once.
-	var accts *accounts
+	var users *store
+	var dummyHash string
 	loaded := make(chan error, 1)
 	go func() {
-		users, err := openStore(*usersPath, logger)
+		var err error
+		users, err = openStore(*usersPath, logger)
 		if err == nil {
-			limiter := newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now)
-			accts, err = newAccounts(users, limiter, newCPUSlots(), bcrypt.DefaultCost, logger)
+			dummyHash, err = hashPassword(rand.Text(), bcrypt.DefaultCost)
 		}
 		loaded <- err
 	}()
@@ -121,32 +120,80 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		return fmt.Errorf("listen: %w", err)
 	}
 	web.checkHost = ln.Addr().(*net.TCPAddr).IP.IsLoopback() || len(web.allowHosts) > 0
-	srv := newHTTPServer(newServer(logger, accts, secret, time.Now, web), logger)
+	cfg := config{
+		secret:    secret,
+		now:       time.Now,
+		hashCost:  bcrypt.DefaultCost,
+		dummyHash: dummyHash,
+		limiter:   newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now),
+		cpus:      newCPUSlots(),
+		costliest: max(bcrypt.DefaultCost, users.costliestCost()),
+		web:       web,
+	}
+	srv := newHTTPServer(newServer(logger, users, cfg), logger)
 	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
 	return serve(ctx, srv, limitConnections(ln, *maxConns), logger)
 }
 
-// newServer returns the server's handler: the routes, each inside the
-// defenses it needs, and around them all the request log, the headers of
-// every response, the origins and hosts web allows, and the mux's own 404
-// and 405 in JSON.
-func newServer(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time, web webConfig) http.Handler {
-	crossSite := refuseCrossSite(web.allowOrigins)
+// config is what newServer needs besides the log and the users.
+type config struct {
+	secret    []byte           // signs the tokens: JWT_SECRET
+	now       func() time.Time // the clock tokens are issued and checked by
+	hashCost  int              // bcrypt cost of new hashes: bcrypt.DefaultCost
+	dummyHash string           // compared for an unknown email, at hashCost
+
+	// The defenses' state.
+	limiter   *loginLimiter // counts failed logins
+	cpus      *cpuSlots     // one bcrypt run per CPU
+	costliest int           // the highest bcrypt cost, stored or new, at start
+	web       webConfig     // other origins and host names trusted
+}
+
+// newServer returns the server's handler: the route table, each route's
+// handler listed with the wrappers around it, outermost first, and then
+// the wrappers around every route. Each wrapper is a defense, named for
+// what it stops; deleting its line leaves the chapter's server.
+func newServer(logger *slog.Logger, users *store, cfg config) http.Handler {
 	mux := http.NewServeMux()
-	// accounts.register and accounts.login add the CPU slots and the throttle.
-	mux.Handle("POST /register", crossSite(handleRegister(logger, accts)))
-	mux.Handle("POST /login", crossSite(handleLogin(logger, accts, secret, now)))
-	mux.Handle("GET /users/me", requireUser(accts.users, secret, now, handleUsersMe))
+	mux.Handle("POST /register", with(handleRegister(logger, users, cfg.hashCost),
+		refuseCrossSite(cfg.web),
+		waitForCPU(cfg.cpus),
+	))
+	mux.Handle("POST /login", with(handleLogin(users, cfg.dummyHash, cfg.secret, cfg.now),
+		refuseCrossSite(cfg.web),
+		throttleLogins(cfg.limiter),
+		waitForCPU(cfg.cpus),
+		equalFailureTime(users, cfg.dummyHash, cfg.costliest),
+		rehashCheapHashes(logger, users, cfg.hashCost),
+	))
+	mux.Handle("GET /users/me", with(handleUsersMe(),
+		requireUser(users, cfg.secret, cfg.now),
+	))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /openapi.json", handleFile("application/json", "", openAPIJSON))
 	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPolicy, docsPage))
-	// Around every route, outermost first.
-	return logRequests(logger, commonHeaders(checkHost(web,
-		allowOrigins(web.allowOrigins, mux, routingErrorsInJSON(mux)))))
+
+	return with(mux,
+		logRequests(logger),
+		commonHeaders,
+		checkHost(cfg.web),
+		allowOrigins(cfg.web),
+		routingErrorsInJSON,
+	)
 }
 
-// handleRegister creates a user from {"email", "password"}.
-func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
+// with returns h inside the wrappers, the first outermost, as FastAPI
+// declares middleware around a route: with(h, a, b) is a(b(h)).
+func with(h http.Handler, wrappers ...func(http.Handler) http.Handler) http.Handler {
+	for _, wrap := range slices.Backward(wrappers) {
+		h = wrap(h)
+	}
+	return h
+}
+
+// handleRegister creates a user from {"email", "password"}: the rules,
+// then hashPassword, then the store.
+func handleRegister(logger *slog.Logger, users *store, hashCost int) http.Handler {
 	type response struct {
 		ID    int64  `json:"id"`
 		Email string `json:"email"`
@@ -156,9 +203,28 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 		if !ok {
 			return
 		}
-		u, err := accts.register(r.Context(), email, password)
+		email = normalizeEmail(email)
+		if err := validateEmail(email); err != nil {
+			writeError(w, http.StatusUnprocessableEntity, err.Error())
+			return
+		}
+		if err := validatePassword(password, email); err != nil {
+			writeError(w, http.StatusUnprocessableEntity, err.Error())
+			return
+		}
+		// The store decides races; this check only spares a bcrypt run.
+		if _, taken := users.lookup(email); taken {
+			writeError(w, http.StatusConflict, "Email already registered")
+			return
+		}
+		hash, err := hashPassword(password, hashCost)
 		if err != nil {
-			writeAccountsError(w, logger, err)
+			writeStoreError(w, logger, err)
+			return
+		}
+		u, err := users.add(r.Context(), email, hash)
+		if err != nil {
+			writeStoreError(w, logger, err)
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
@@ -166,34 +232,26 @@ func handleRegister(logger *slog.Logger, accts *accounts) http.Handler {
 	})
 }
 
-// handleLogin exchanges an email and a password for an access token, from
-// the tutorial's JSON body or the OAuth2 password form (RFC 6749 section
-// 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm send.
-func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func() time.Time) http.Handler {
+// handleLogin exchanges an email and a password for an access token, read
+// from the tutorial's JSON body or the OAuth2 password form (RFC 6749
+// section 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm
+// send.
+func handleLogin(users *store, dummyHash string, secret []byte, now func() time.Time) http.Handler {
 	type response struct {
 		AccessToken string `json:"access_token"`
 		TokenType   string `json:"token_type"`
 		ExpiresIn   int64  `json:"expires_in"`
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var email, password string
-		var ok bool
-		switch t := mediaType(r); {
-		case t == "application/x-www-form-urlencoded":
-			email, password, ok = readFormCredentials(w, r)
-		case isJSON(t):
-			email, password, ok = readJSONCredentials(w, r)
-		default:
-			writeError(w, http.StatusUnsupportedMediaType,
-				"body must be JSON or an OAuth2 form (Content-Type: application/x-www-form-urlencoded)")
-			return
-		}
+		email, password, ok := readCredentials(w, r)
 		if !ok {
 			return
 		}
-		u, err := accts.login(r.Context(), clientAddr(r.RemoteAddr), email, password)
+		u, err := authenticateUser(users, dummyHash, email, password)
 		if err != nil {
-			writeAccountsError(w, logger, err)
+			// The same answer for an unknown email and a wrong password.
+			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
+			writeError(w, http.StatusUnauthorized, "Invalid email or password")
 			return
 		}
 		// A token must not be kept by any cache (RFC 6749 section 5.1).
@@ -208,47 +266,64 @@ func handleLogin(logger *slog.Logger, accts *accounts, secret []byte, now func()
 }
 
 // handleUsersMe answers the user the request's token was issued to.
-func handleUsersMe(w http.ResponseWriter, r *http.Request, u User) {
+func handleUsersMe() http.Handler {
 	type response struct {
 		ID    int64  `json:"id"`
 		Email string `json:"email"`
 	}
-	writeJSON(w, http.StatusOK, response{ID: u.ID, Email: u.Email})
-}
-
-// requireUser does for a route what FastAPI's Depends(get_current_user)
-// does: it calls next with the user of the request's bearer token, or
-// answers 401 itself. So a protected route is next's own work, and no more.
-func requireUser(users *store, secret []byte, now func() time.Time, next func(http.ResponseWriter, *http.Request, User)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		u, err := currentUser(r, users, secret, now())
-		switch {
-		case errors.Is(err, errNotAuthenticated):
-			// No credentials sent: no error code (RFC 6750 section 3).
-			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
-			writeError(w, http.StatusUnauthorized, "Not authenticated")
-		case err != nil:
-			w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
-			writeError(w, http.StatusUnauthorized, "Could not validate credentials")
-		default:
-			w.Header().Set("Cache-Control", "no-store") // a user's data follows
-			next(w, r, u)
-		}
+		u := userOf(r)
+		writeJSON(w, http.StatusOK, response{ID: u.ID, Email: u.Email})
 	})
 }
 
-// errNotAuthenticated is a request that sent no bearer token.
-var errNotAuthenticated = errors.New("no bearer token")
+// requireUser returns a wrapper that does for a route what FastAPI's
+// Depends(get_current_user) does: it runs the route's handler only for a
+// request whose bearer token names a user, whom userOf then returns, and
+// answers the two 401s itself. So a protected route's handler does its own
+// work, and no more.
+func requireUser(users *store, secret []byte, now func() time.Time) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			u, err := currentUser(r, users, secret, now())
+			switch {
+			case errors.Is(err, errNoToken):
+				// No credentials sent: no error code (RFC 6750 section 3).
+				w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
+				writeError(w, http.StatusUnauthorized, "Not authenticated")
+				return
+			case err != nil:
+				w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
+				writeError(w, http.StatusUnauthorized, "Could not validate credentials")
+				return
+			}
+			w.Header().Set("Cache-Control", "no-store") // a user's data follows
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userKey{}, u)))
+		})
+	}
+}
+
+// userKey is the context key under which requireUser keeps the request's user.
+type userKey struct{}
+
+// userOf returns the user whom requireUser found for r.
+func userOf(r *http.Request) User {
+	u, _ := r.Context().Value(userKey{}).(User)
+	return u
+}
+
+// errNoToken is returned by currentUser for a request without a bearer token.
+var errNoToken = errors.New("no bearer token")
 
 // currentUser returns the user whose bearer token the request carries: the
 // chapter's get_current_user, reading "Authorization: Bearer <token>" as
-// OAuth2PasswordBearer does (the scheme in any letter case). Without it:
-// errNotAuthenticated; a token that fails a check, or whose user is gone:
-// an error wrapping errInvalidToken.
+// OAuth2PasswordBearer does (the scheme in any letter case). It returns
+// errNoToken if there is no such header, and an error wrapping
+// errInvalidToken if the token fails a check or its user is gone.
 func currentUser(r *http.Request, users *store, secret []byte, now time.Time) (User, error) {
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "Bearer") {
-		return User{}, errNotAuthenticated
+		return User{}, errNoToken
 	}
 	email, err := verifyAccessToken(strings.TrimLeft(token, " "), secret, now)
 	if err != nil {
@@ -315,43 +390,51 @@ func handleFile(contentType, policy, content string) http.Handler {
 	})
 }
 
+// readCredentials reads a login's email and password: the tutorial's JSON
+// body, or the OAuth2 password form. If the body is neither, or is not
+// valid, it writes the error and returns false.
+func readCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
+	switch t := mediaType(r); {
+	case t == "application/x-www-form-urlencoded":
+		return readFormCredentials(w, r)
+	case isJSON(t):
+		return readJSONCredentials(w, r)
+	}
+	writeError(w, http.StatusUnsupportedMediaType,
+		"body must be JSON or an OAuth2 form (Content-Type: application/x-www-form-urlencoded)")
+	return "", "", false
+}
+
+// credentials is the tutorial's JSON body for /register and /login, its
+// UserCreate model. Its fields are pointers, nil when a member is missing
+// or null, so that a missing password can be told from an empty one.
+type credentials struct {
+	Email    *string `json:"email"`
+	Password *string `json:"password"`
+}
+
 // readJSONCredentials reads {"email": "...", "password": "..."}, ignoring
-// other members, as FastAPI does; else it writes the error and returns false.
+// other members, as FastAPI does. If it cannot, it writes the error and
+// returns false.
 func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
-	if !isJSON(mediaType(r)) {
-		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
+	var body credentials
+	if !readJSON(w, r, &body) {
 		return "", "", false
 	}
-	body, ok := readBody(w, r)
-	if !ok {
-		return "", "", false
-	}
-	object, err := decodeObject(body)
-	if err != nil {
-		writeError(w, http.StatusUnprocessableEntity, "body "+err.Error())
-		return "", "", false
-	}
-	email, isEmail := object["email"].(string)
-	password, isPassword := object["password"].(string)
 	switch {
-	case !isEmail:
-		writeError(w, http.StatusUnprocessableEntity, "email is required and must be a string")
+	case body.Email == nil:
+		writeError(w, http.StatusUnprocessableEntity, "email is required")
 		return "", "", false
-	case !isPassword:
-		writeError(w, http.StatusUnprocessableEntity, "password is required and must be a string")
-		return "", "", false
-	case strings.ContainsRune(email+password, utf8.RuneError):
-		// What an escaped half of a surrogate pair ("\ud800") decodes to:
-		// refused, so that different inputs never become one password.
-		writeError(w, http.StatusUnprocessableEntity, "email and password must be valid Unicode text (no U+FFFD)")
+	case body.Password == nil:
+		writeError(w, http.StatusUnprocessableEntity, "password is required")
 		return "", "", false
 	}
-	return email, password, true
+	return *body.Email, *body.Password, true
 }
 
 // readFormCredentials reads an OAuth2 password grant form: username,
-// password, and grant_type=password if any; else it writes the error and
-// returns false.
+// password, and grant_type=password if any. If it cannot, it writes the
+// error and returns false.
 func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
 	body, ok := readBody(w, r)
 	if !ok {
@@ -389,8 +472,85 @@ func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 	return form.Get("username"), form.Get("password"), true
 }
 
-// readBody reads a request body of at most 64 KiB. If it is larger, it
-// writes the 413 and returns false.
+// readJSON reads a JSON request body into the struct v points to. If the
+// body is not sent as JSON (415), is too large (413) or is not one valid
+// JSON object (422), it writes the error and returns false.
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	if !isJSON(mediaType(r)) {
+		writeError(w, http.StatusUnsupportedMediaType, "body must be JSON, sent with Content-Type: application/json")
+		return false
+	}
+	body, ok := readBody(w, r)
+	if !ok {
+		return false
+	}
+	if err := decodeJSON(body, v); err != nil {
+		writeError(w, http.StatusUnprocessableEntity, err.Error())
+		return false
+	}
+	return true
+}
+
+// decodeJSON decodes data, one JSON object and nothing after it, into the
+// struct v points to, whose fields are all strings. encoding/json/v2 reads
+// strictly, so that no two readers of one body can disagree about it:
+// member names match exactly ("EMAIL" or "paſſword" is an unknown member),
+// a name given twice is refused rather than read last-wins, and text that
+// is not UTF-8 is refused rather than mended. Its error is a sentence for
+// the client, naming the member at fault.
+func decodeJSON(data []byte, v any) error {
+	if !utf8.Valid(data) {
+		return errors.New("body must be valid UTF-8")
+	}
+	if !bytes.HasPrefix(bytes.TrimLeft(data, " \t\r\n"), []byte("{")) {
+		return errors.New("body must be one JSON object")
+	}
+	err := json.Unmarshal(data, v)
+	var syntax *jsontext.SyntacticError
+	var semantic *json.SemanticError
+	switch {
+	case errors.Is(err, jsontext.ErrDuplicateName) && errors.As(err, &syntax):
+		return fmt.Errorf("body names %q twice", syntax.JSONPointer.LastToken())
+	case errors.As(err, &syntax) && syntax.JSONPointer != "":
+		return fmt.Errorf("body is not one valid JSON object: it is malformed at byte %d, in %q", syntax.ByteOffset, syntax.JSONPointer.LastToken())
+	case errors.As(err, &syntax):
+		return fmt.Errorf("body is not one valid JSON object: it is malformed at byte %d", syntax.ByteOffset)
+	case errors.As(err, &semantic):
+		return fmt.Errorf("%s must be a string", semantic.JSONPointer.LastToken())
+	case err != nil:
+		return errors.New("body could not be read as JSON")
+	}
+	if n := numberOutOfRange(data); n != "" {
+		return fmt.Errorf("body holds a number %s, out of range", n)
+	}
+	return nil
+}
+
+// numberOutOfRange returns the first number in valid JSON text that is too
+// large for a float64, such as 1e999, or "" if there is none. Readers
+// disagree about such a number (Python reads infinity, Go an error), even
+// in a member the server ignores, so a body holding one is refused.
+func numberOutOfRange(data []byte) string {
+	dec := jsontext.NewDecoder(bytes.NewReader(data))
+	for {
+		tok, err := dec.ReadToken()
+		if err != nil { // io.EOF: the text has been read to its end
+			return ""
+		}
+		if tok.Kind() != '0' {
+			continue
+		}
+		if _, err := tok.Float(); err != nil { // strconv.ErrRange
+			return tok.String()
+		}
+	}
+}
+
+// maxBodyBytes caps every request body.
+const maxBodyBytes = 64 << 10
+
+// readBody reads a request body of at most maxBodyBytes. If it is larger,
+// it writes the 413 and returns false.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if maxErr := (*http.MaxBytesError)(nil); errors.As(err, &maxErr) {
@@ -421,6 +581,15 @@ func mediaType(r *http.Request) string {
 	return t
 }
 
+// writeJSON writes v as a JSON response: headers, then status, then body.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	// The status is sent; an error here is a client that went away.
+	json.MarshalWrite(w, v)
+	io.WriteString(w, "\n")
+}
+
 // writeError writes an error in FastAPI's shape: {"detail": "..."}.
 func writeError(w http.ResponseWriter, status int, detail string) {
 	writeJSON(w, status, struct {
@@ -428,41 +597,32 @@ func writeError(w http.ResponseWriter, status int, detail string) {
 	}{detail})
 }
 
-// writeAccountsError answers an error from a registration or a login.
-func writeAccountsError(w http.ResponseWriter, logger *slog.Logger, err error) {
-	var invalid validationError
-	var throttled *throttledError
+// writeBusy writes the 503 of a request that could not get its turn, at a
+// CPU or at the users file: nothing was done, so a retry can succeed.
+func writeBusy(w http.ResponseWriter) {
+	w.Header().Set("Retry-After", "1")
+	writeError(w, http.StatusServiceUnavailable, "Server busy, try again later")
+}
+
+// writeStoreError answers an error from the store: a 409 for an email
+// already registered, a 503 for a write that did not get its turn, and
+// otherwise a 500, whose reason the log says and the client must not hear.
+func writeStoreError(w http.ResponseWriter, logger *slog.Logger, err error) {
 	switch {
-	case errors.As(err, &invalid):
-		writeError(w, http.StatusUnprocessableEntity, invalid.Error())
 	case errors.Is(err, errEmailTaken):
 		writeError(w, http.StatusConflict, "Email already registered")
-	case errors.Is(err, errInvalidCredentials):
-		// The same answer for an unknown email and a wrong password.
-		w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
-		writeError(w, http.StatusUnauthorized, "Invalid email or password")
-	case errors.As(err, &throttled):
-		w.Header().Set("Retry-After", strconv.Itoa(int(throttled.retryAfter/time.Second)))
-		writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
-	case errors.Is(err, errServerBusy), errors.Is(err, errStoreBusy):
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "Server busy, try again later")
-	default: // the disk failed: the log says how; the client must not
+	case errors.Is(err, errStoreBusy):
+		writeBusy(w)
+	default:
 		logger.Error("request failed", "err", err)
 		writeError(w, http.StatusInternalServerError, "Internal server error")
 	}
 }
 
-// writeJSON writes v as a JSON response: headers, then status, then body.
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	// The status is sent; an error here is a client that went away.
-	_ = json.NewEncoder(w).Encode(v)
-}
-
-// loadSecret returns the token signing secret from JWT_SECRET. Unset, it
-// makes a random one for this process; set but too short, it is an error.
+// loadSecret returns the secret that signs tokens, from JWT_SECRET. If
+// JWT_SECRET is not set, it returns a random secret for this process and
+// logs a warning that tokens will not survive a restart. If it is set but
+// shorter than 32 bytes, it returns an error.
 func loadSecret(lookupEnv func(string) (string, bool), logger *slog.Logger) ([]byte, error) {
 	secret, ok := lookupEnv("JWT_SECRET")
 	if !ok {
@@ -503,53 +663,22 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.
 	return nil
 }
 
-// routingErrorsInJSON answers in JSON, as FastAPI does, what the mux
-// answers itself: 404 for an unknown path, and 405 for a known path with
-// another method, its Allow header kept.
-func routingErrorsInJSON(mux *http.ServeMux) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, pattern := mux.Handler(r); pattern == "" { // no route: the mux answers
-			w = &routingErrorWriter{w}
-		}
-		mux.ServeHTTP(w, r)
-	})
+// logRequests returns a wrapper that logs one line per request: method,
+// path, status, duration. Never a header or a body, which may hold a
+// password or a token.
+func logRequests(logger *slog.Logger) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
+			rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+			next.ServeHTTP(rec, r)
+			logger.Info("request", "method", r.Method, "path", r.URL.Path,
+				"status", rec.status, "duration", time.Since(start))
+		})
+	}
 }
 
-// routingErrorWriter turns the mux's plain-text error into {"detail": ...},
-// with the same status and headers.
-type routingErrorWriter struct{ http.ResponseWriter }
-
-func (w *routingErrorWriter) WriteHeader(status int) {
-	writeError(w.ResponseWriter, status, http.StatusText(status))
-}
-
-func (w *routingErrorWriter) Write(p []byte) (int, error) { return len(p), nil } // the plain text
-
-// commonHeaders sets the headers every response carries, the mux's own 404
-// and 405 included.
-func commonHeaders(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		// Browsers must take a response for what its Content-Type says,
-		// and no page of another site may frame one (clickjacking).
-		w.Header().Set("X-Content-Type-Options", "nosniff")
-		w.Header().Set("X-Frame-Options", "DENY")
-		next.ServeHTTP(w, r)
-	})
-}
-
-// logRequests logs one line per request: method, path, status, duration.
-// Never a header or a body, which may hold a password or a token.
-func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		start := time.Now()
-		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-		next.ServeHTTP(rec, r)
-		logger.Info("request", "method", r.Method, "path", r.URL.Path,
-			"status", rec.status, "duration", time.Since(start))
-	})
-}
-
-// statusRecorder remembers the status a handler wrote, for the log.
+// statusRecorder remembers the status a handler wrote.
 type statusRecorder struct {
 	http.ResponseWriter
 	status int
@@ -560,7 +689,54 @@ func (rec *statusRecorder) WriteHeader(status int) {
 	rec.ResponseWriter.WriteHeader(status)
 }
 
-// The defenses begin here.
+// routingErrorsInJSON answers in JSON, as FastAPI does, what the mux
+// answers itself when no route matches: 404 for an unknown path, and 405,
+// its Allow header kept, for a known path with another method.
+func routingErrorsInJSON(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		next.ServeHTTP(&routingErrorWriter{ResponseWriter: w, r: r}, r)
+	})
+}
+
+// routingErrorWriter turns the mux's plain-text answer into {"detail": ...},
+// with the same status and headers. The mux sets r.Pattern to the route it
+// chose before it calls the route's handler; no route, no pattern.
+type routingErrorWriter struct {
+	http.ResponseWriter
+	r        *http.Request
+	replaced bool // the mux's own answer: its text is dropped
+}
+
+func (w *routingErrorWriter) WriteHeader(status int) {
+	if w.r.Pattern != "" || status < 400 {
+		w.ResponseWriter.WriteHeader(status)
+		return
+	}
+	w.replaced = true
+	writeError(w.ResponseWriter, status, http.StatusText(status))
+}
+
+func (w *routingErrorWriter) Write(p []byte) (int, error) {
+	if w.replaced {
+		return len(p), nil
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+// The defenses begin here: each is a wrapper that newServer puts around
+// routes by name, or a limit on the server and its listener.
+
+// commonHeaders sets the headers every response carries, the mux's own 404
+// and 405 included. Browsers must take a response for what its
+// Content-Type says (nosniff), and no page of another site may frame one
+// (clickjacking).
+func commonHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("X-Frame-Options", "DENY")
+		next.ServeHTTP(w, r)
+	})
+}
 
 // webConfig says which pages of other origins, and which host names, the
 // server trusts besides its own.
@@ -570,14 +746,108 @@ type webConfig struct {
 	checkHost    bool     // refuse other host names: listening on loopback, or -allow-host given
 }
 
+// checkHost returns a wrapper that answers 400, before anything else runs,
+// to a request whose Host is neither a loopback name (localhost,
+// 127.x.x.x, [::1], any port) nor in web.allowHosts. It stops DNS
+// rebinding: a page on the internet can point its own domain at 127.0.0.1,
+// and its requests then reach this server as same-origin. A server
+// listening elsewhere, with no -allow-host, takes any Host.
+func checkHost(web webConfig) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if !web.checkHost {
+			return next
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			host := r.Host
+			if h, _, err := net.SplitHostPort(host); err == nil {
+				host = h
+			}
+			host = strings.ToLower(strings.Trim(host, "[]"))
+			ip := net.ParseIP(host)
+			if host != "localhost" && (ip == nil || !ip.IsLoopback()) && !slices.Contains(web.allowHosts, host) {
+				writeError(w, http.StatusBadRequest, "Invalid host header")
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// allowOrigins returns a wrapper that lets pages of web.allowOrigins call
+// the API (CORS): their preflight OPTIONS is answered with the methods the
+// route takes, and every answer, errors included, lets the page read it,
+// WWW-Authenticate and Retry-After too. No credentials mode: the token is a
+// header, never a cookie. Other origins get no such header, so browsers
+// hide the answers from their pages.
+func allowOrigins(web webConfig) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if len(web.allowOrigins) == 0 {
+			return next
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Add("Vary", "Origin") // caches must not give one origin's answer to another
+			origin := r.Header.Get("Origin")
+			if !slices.Contains(web.allowOrigins, origin) {
+				next.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Access-Control-Allow-Origin", origin)
+			w.Header().Set("Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After")
+			if r.Method != http.MethodOptions {
+				next.ServeHTTP(w, r)
+				return
+			}
+			methods := routeMethods(next, r)
+			if methods == "" { // a path no route serves: its 404
+				next.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Access-Control-Allow-Methods", methods)
+			w.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
+			w.Header().Set("Access-Control-Max-Age", "600")
+			w.WriteHeader(http.StatusNoContent)
+		})
+	}
+}
+
+// routeMethods returns the methods that routes of next take at the path of
+// r, an OPTIONS request, or "" if no route serves that path. No route
+// takes OPTIONS, so the mux answers it with a 405 whose Allow header lists
+// them; the route table stays the one place that says which they are.
+func routeMethods(next http.Handler, r *http.Request) string {
+	probe := newDiscardResponse()
+	next.ServeHTTP(probe, r)
+	if probe.status != http.StatusMethodNotAllowed {
+		return ""
+	}
+	return probe.header.Get("Allow")
+}
+
+// discardResponse is a ResponseWriter that keeps the status and headers it
+// is given and drops the body: for running a handler, or a body reader,
+// only to learn how it would answer.
+type discardResponse struct {
+	header http.Header
+	status int
+}
+
+func newDiscardResponse() *discardResponse {
+	return &discardResponse{header: http.Header{}, status: http.StatusOK}
+}
+
+func (d *discardResponse) Header() http.Header         { return d.header }
+func (d *discardResponse) Write(p []byte) (int, error) { return len(p), nil }
+func (d *discardResponse) WriteHeader(status int)      { d.status = status }
+
 // refuseCrossSite returns a wrapper that answers 403, before anything else
 // runs, to a request a browser marks as sent by a page of another site
-// (Sec-Fetch-Site, or an Origin that is not the Host) and not trusted: so
-// a hostile page cannot make its visitors fail five logins and be locked
-// out. Clients that are not browsers send neither header, and pass.
-func refuseCrossSite(trusted []string) func(http.Handler) http.Handler {
+// (Sec-Fetch-Site, or an Origin that is not the Host) and not trusted by
+// -allow-origin. So a hostile page cannot make its visitors fail five
+// logins and be locked out. Clients that are not browsers send neither
+// header, and pass.
+func refuseCrossSite(web webConfig) func(http.Handler) http.Handler {
 	c := http.NewCrossOriginProtection()
-	for _, origin := range trusted {
+	for _, origin := range web.allowOrigins {
 		if err := c.AddTrustedOrigin(origin); err != nil {
 			panic(err) // run's -allow-origin checked each with this same call
 		}
@@ -588,79 +858,164 @@ func refuseCrossSite(trusted []string) func(http.Handler) http.Handler {
 	return c.Handler
 }
 
-// allowOrigins lets pages of the given origins call the API (CORS): their
-// preflight OPTIONS is answered with what the route allows, and every
-// answer, errors included, lets the page read it, WWW-Authenticate and
-// Retry-After too. No credentials mode: the token is a header, never a
-// cookie. Other origins get no such header, so browsers hide the answers.
-func allowOrigins(origins []string, mux *http.ServeMux, next http.Handler) http.Handler {
-	if len(origins) == 0 {
-		return next
-	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Add("Vary", "Origin") // caches must not give one origin's answer to another
-		origin := r.Header.Get("Origin")
-		if !slices.Contains(origins, origin) {
-			next.ServeHTTP(w, r)
-			return
-		}
-		w.Header().Set("Access-Control-Allow-Origin", origin)
-		w.Header().Set("Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After")
-		methods := routeMethods(mux, r.URL)
-		if r.Method != http.MethodOptions || len(methods) == 0 { // not a preflight, or an unknown path
-			next.ServeHTTP(w, r)
-			return
-		}
-		w.Header().Set("Access-Control-Allow-Methods", strings.Join(methods, ", "))
-		w.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
-		w.Header().Set("Access-Control-Max-Age", "600")
-		w.WriteHeader(http.StatusNoContent)
-	})
+// throttleLogins returns a wrapper that stops password guessing at /login
+// (RFC 6749 section 4.3.2): limiter counts the logins answered 401 for the
+// email the body names, and refuses a client that failed too often.
+func throttleLogins(limiter *loginLimiter) func(http.Handler) http.Handler {
+	return throttle(limiter, loginEmail, http.StatusUnauthorized)
 }
 
-// routeMethods returns the methods the mux has a route for at u's path.
-func routeMethods(mux *http.ServeMux, u *url.URL) []string {
-	var methods []string
-	for _, method := range []string{"GET", "POST", "PUT", "PATCH", "DELETE"} {
-		if _, pattern := mux.Handler(&http.Request{Method: method, URL: u}); pattern != "" {
-			methods = append(methods, method)
-		}
-	}
-	return methods
+// loginEmail returns the normalised email a login tries, read as
+// handleLogin reads it, or false if handleLogin will refuse the body.
+func loginEmail(r *http.Request) (string, bool) {
+	email, _, ok := peekCredentials(r)
+	return normalizeEmail(email), ok
 }
 
-// checkHost answers 400, before anything else runs, to a request whose Host
-// is neither a loopback name (localhost, 127.x.x.x, [::1], any port) nor in
-// web.allowHosts: a page on the internet can point its own domain at
-// 127.0.0.1 (DNS rebinding), and its requests then reach this server as
-// same-origin. Listening elsewhere, with no -allow-host, any Host passes.
-func checkHost(web webConfig, next http.Handler) http.Handler {
-	if !web.checkHost {
-		return next
+// throttle returns a wrapper that counts failed password checks with
+// limiter: emailOf says whose password a request tries (false: none, for a
+// body the route will refuse), and an answer of status failed is a wrong
+// password. A request from a client that failed too often is answered 429
+// at once, whether its password is right or not, and runs no bcrypt.
+//
+// An attempt is counted as a failure before next runs, and taken back if
+// next answers otherwise: so concurrent guesses cannot slip past the limit
+// while bcrypt runs. A success clears the email's count for the client.
+func throttle(limiter *loginLimiter, emailOf func(*http.Request) (string, bool), failed int) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			email, ok := emailOf(r)
+			if !ok {
+				next.ServeHTTP(w, r)
+				return
+			}
+			client := clientAddr(r.RemoteAddr)
+			if retryAfter := limiter.begin(client, email); retryAfter > 0 {
+				w.Header().Set("Retry-After", strconv.Itoa(int(retryAfter/time.Second)))
+				writeError(w, http.StatusTooManyRequests, "Too many failed login attempts, try again later")
+				return
+			}
+			rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+			next.ServeHTTP(rec, r)
+			switch {
+			case rec.status == failed: // counted already
+			case rec.status < 300:
+				limiter.succeeded(client, email)
+			default: // the password was not checked: busy, or refused before
+				limiter.cancel(client, email)
+			}
+		})
 	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host := r.Host
-		if h, _, err := net.SplitHostPort(host); err == nil {
-			host = h
-		}
-		host = strings.ToLower(strings.Trim(host, "[]"))
-		ip := net.ParseIP(host)
-		if host != "localhost" && (ip == nil || !ip.IsLoopback()) && !slices.Contains(web.allowHosts, host) {
-			writeError(w, http.StatusBadRequest, "Invalid host header")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
 }
 
-// clientAddr returns the host of a connection's remote address. Proxy
-// headers such as X-Forwarded-For are not trusted: any client can set them.
+// clientAddr returns the host of a connection's remote address, the client
+// that throttling and the connection cap count. Proxy headers such as
+// X-Forwarded-For are not trusted: any client can set them.
 func clientAddr(remoteAddr string) string {
 	host, _, err := net.SplitHostPort(remoteAddr)
 	if err != nil {
 		return remoteAddr
 	}
 	return host
+}
+
+// peekCredentials returns the email and password of a login request, read
+// with handleLogin's own reader, readCredentials, answering nothing, and
+// puts the body back for the handler. It returns false if readCredentials
+// will refuse the body.
+func peekCredentials(r *http.Request) (email, password string, ok bool) {
+	body, err := bufferBody(r)
+	if err != nil {
+		return "", "", false
+	}
+	peek := r.Clone(r.Context())
+	peek.Body = io.NopCloser(bytes.NewReader(body))
+	return readCredentials(newDiscardResponse(), peek)
+}
+
+// bufferBody reads r's body, up to one byte more than maxBodyBytes, and
+// puts it back, so that the handler reads it again and still finds it too
+// large if it is.
+func bufferBody(r *http.Request) ([]byte, error) {
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBodyBytes+1))
+	r.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body), r.Body))
+	return body, err
+}
+
+// waitForCPU returns a wrapper that runs next, whose work is bcrypt, in one
+// of cpus's slots: at most one bcrypt run per CPU at once, the others
+// waiting their turn, first come first served. A request that waits
+// cpus.maxWait in vain, or whose client leaves, is answered 503 at once.
+// So a flood of logins is answered at the rate the CPUs can check
+// passwords, instead of slowing every request down until all time out.
+// The body is read before the wait: a slow client never holds a slot.
+func waitForCPU(cpus *cpuSlots) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			bufferBody(r)
+			if err := cpus.acquire(r.Context()); err != nil {
+				writeBusy(w)
+				return
+			}
+			defer cpus.release()
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// equalFailureTime returns a wrapper that makes every failed login cost
+// one comparison at the costliest cost there is, whatever the cost of the
+// hash it was checked against: a users file may hold cheaper hashes (made
+// elsewhere, or long ago), and a failure that answered sooner for them
+// would tell that their emails exist. The extra comparisons (compareAgain)
+// are real work in the CPU slot, so neither the answer's time nor that of
+// a request queued behind it tells a cost. net/http sends the answer when
+// the handler returns, so after them.
+func equalFailureTime(users *store, dummyHash string, costliest int) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			email, password, ok := peekCredentials(r)
+			rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+			next.ServeHTTP(rec, r)
+			if !ok || rec.status != http.StatusUnauthorized {
+				return
+			}
+			hash := dummyHash // what authenticateUser compared with
+			if u, found := users.lookup(normalizeEmail(email)); found {
+				hash = u.PasswordHash
+			}
+			compareAgain(password, hash, costliest)
+		})
+	}
+}
+
+// rehashCheapHashes returns a wrapper that, after a successful login whose
+// stored hash is cheaper than cost, stores a new hash of the password at
+// cost before the answer is sent, as passlib's verify_and_update does: an
+// old, cheap hash then costs a thief of the users file as much as any
+// other. If the new hash cannot be stored, the old one stays, and works.
+func rehashCheapHashes(logger *slog.Logger, users *store, cost int) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			email, password, ok := peekCredentials(r)
+			rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+			next.ServeHTTP(rec, r)
+			if !ok || rec.status != http.StatusOK {
+				return
+			}
+			u, found := users.lookup(normalizeEmail(email))
+			if !found || hashCost(u.PasswordHash) >= cost {
+				return
+			}
+			hash, err := hashPassword(password, cost)
+			if err == nil {
+				err = users.setHash(r.Context(), u.Email, u.PasswordHash, hash)
+			}
+			if err != nil {
+				logger.Warn("password not rehashed at the server's cost; the old hash stays", "user", u.ID, "err", err)
+			}
+		})
+	}
 }
 
 // newHTTPServer returns the HTTP server for handler, with the limits that

@@ -16,7 +16,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
+	"encoding/json/v2"
 	"errors"
 	"fmt"
 	"io"
@@ -27,7 +27,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -168,24 +167,17 @@ func followLinks(path string) (string, error) {
 	return "", fmt.Errorf("users file %s: too many symbolic links", path)
 }
 
-// decodeStoreFile parses and checks a users file: UTF-8, one JSON object, no
-// unknown fields (a later write would drop them), ids positive, unique and
-// below 2^53, emails normalised and unique, every hash a bcrypt hash of a
-// cost the server can bear, and next_id, if given, above every id.
+// decodeStoreFile parses and checks a users file: one JSON object, read as
+// strictly as a request body (UTF-8, member names exactly as written, none
+// twice), no unknown members (a later write would drop them), ids positive,
+// unique and below 2^53, emails normalised and unique, every hash a bcrypt
+// hash of a cost the server can bear, and next_id, if given, above every id.
 func decodeStoreFile(data []byte, f *storeFile) error {
-	if !utf8.Valid(data) { // else it would be mended, then written back mended
-		return errors.New("not valid UTF-8")
-	}
 	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
 		return errors.New("not a JSON object")
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(f); err != nil {
+	if err := json.Unmarshal(data, f, json.RejectUnknownMembers(true)); err != nil {
 		return fmt.Errorf("decode JSON: %w", err)
-	}
-	if err := dec.Decode(&struct{}{}); err != io.EOF {
-		return errors.New("data after the JSON object")
 	}
 	ids := make(map[int64]bool, len(f.Users))
 	emails := make(map[string]bool, len(f.Users))
@@ -239,15 +231,10 @@ func (s *store) costliestCost() int {
 	defer s.unlockWrites()
 	costliest := 0
 	for _, u := range s.users {
-		costliest = max(costliest, hashCost(u.PasswordHash))
+		cost, _ := bcrypt.Cost([]byte(u.PasswordHash)) // checked when the file was read
+		costliest = max(costliest, cost)
 	}
 	return costliest
-}
-
-// hashCost returns the cost of a bcrypt hash, 0 for one it cannot parse.
-func hashCost(hash string) int {
-	cost, _ := bcrypt.Cost([]byte(hash))
-	return cost
 }
 
 // add registers a user with a normalised email and a password hash, as
@@ -270,18 +257,19 @@ func (s *store) add(ctx context.Context, email, passwordHash string) (User, erro
 	return u, s.save(ctx, users, u.ID+1, u)
 }
 
-// setHash replaces the password hash of the user of email, as save writes it.
-func (s *store) setHash(ctx context.Context, email, passwordHash string) error {
+// setHash replaces the password hash of the user of email, as save writes
+// it, if it is still oldHash: a password changed meanwhile is not undone.
+func (s *store) setHash(ctx context.Context, email, oldHash, newHash string) error {
 	if err := s.lockWrites(ctx); err != nil {
 		return err
 	}
 	defer s.unlockWrites()
 	i := slices.IndexFunc(s.users, func(u User) bool { return u.Email == email })
-	if i < 0 {
-		return fmt.Errorf("user %q is not registered", email)
+	if i < 0 || s.users[i].PasswordHash != oldHash {
+		return fmt.Errorf("user %q is gone or has a new password", email)
 	}
 	users := slices.Clone(s.users)
-	users[i].PasswordHash = passwordHash
+	users[i].PasswordHash = newHash
 	return s.save(ctx, users, s.nextID, users[i])
 }
 
@@ -395,20 +383,16 @@ func (s *store) checkUnchanged() error {
 
 // encodeStoreFile writes the users file to w, never whole in memory: JSON
 // with one user per line, so that it reads, and is edited, a user at a time.
+// Emails are written as they are: "a&b@x.io", not "a\u0026b@x.io".
 func encodeStoreFile(w io.Writer, f storeFile) error {
 	out := bufio.NewWriter(w)
 	fmt.Fprintf(out, "{\n  \"next_id\": %d,\n  \"users\": [", f.NextID)
-	var line bytes.Buffer
-	enc := json.NewEncoder(&line)
-	enc.SetEscapeHTML(false) // emails as they are: "a&b@x.io", not "a\u0026b@x.io"
 	for i, u := range f.Users {
-		line.Reset()
-		enc.Encode(u) // a struct of a number and two strings always encodes
 		if i > 0 {
 			out.WriteByte(',')
 		}
 		out.WriteString("\n    ")
-		out.Write(bytes.TrimSuffix(line.Bytes(), []byte("\n"))) // Encode ends with one
+		json.MarshalWrite(out, u) // a struct of a number and strings always encodes
 	}
 	out.WriteString("\n  ]\n}\n")
 	return out.Flush() // reports any error of the writes above
