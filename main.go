@@ -169,6 +169,22 @@ func newServer(logger *slog.Logger, users *store, cfg config) http.Handler {
 	mux.Handle("GET /users/me", with(handleUsersMe(),
 		requireUser(users, cfg.secret, cfg.now),
 	))
+	mux.Handle("POST /logout", with(handleLogout(logger, users),
+		refuseCrossSite(cfg.web),
+		requireUser(users, cfg.secret, cfg.now),
+	))
+	mux.Handle("PUT /users/me/password", with(handleChangePassword(logger, users, cfg.hashCost, cfg.secret, cfg.now),
+		refuseCrossSite(cfg.web),
+		requireUser(users, cfg.secret, cfg.now),
+		throttleConfirmations(cfg.limiter),
+		waitForCPU(cfg.cpus),
+	))
+	mux.Handle("DELETE /users/me", with(handleDeleteAccount(logger, users),
+		refuseCrossSite(cfg.web),
+		requireUser(users, cfg.secret, cfg.now),
+		throttleConfirmations(cfg.limiter),
+		waitForCPU(cfg.cpus),
+	))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /openapi.json", handleFile("application/json", "", openAPIJSON))
 	mux.Handle("GET /docs", handleFile("text/html; charset=utf-8", docsPolicy, docsPage))
@@ -237,11 +253,6 @@ func handleRegister(logger *slog.Logger, users *store, hashCost int) http.Handle
 // section 4.3) that OAuth2 clients and FastAPI's OAuth2PasswordRequestForm
 // send.
 func handleLogin(users *store, dummyHash string, secret []byte, now func() time.Time) http.Handler {
-	type response struct {
-		AccessToken string `json:"access_token"`
-		TokenType   string `json:"token_type"`
-		ExpiresIn   int64  `json:"expires_in"`
-	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		email, password, ok := readCredentials(w, r)
 		if !ok {
@@ -254,15 +265,22 @@ func handleLogin(users *store, dummyHash string, secret []byte, now func() time.
 			writeError(w, http.StatusUnauthorized, "Invalid email or password")
 			return
 		}
-		// A token must not be kept by any cache (RFC 6749 section 5.1).
-		w.Header().Set("Cache-Control", "no-store")
-		w.Header().Set("Pragma", "no-cache")
-		writeJSON(w, http.StatusOK, response{
-			AccessToken: createAccessToken(u.Email, secret, now()),
-			TokenType:   "bearer",
-			ExpiresIn:   int64(accessTokenLifetime / time.Second),
-		})
+		writeToken(w, createAccessToken(u.Email, u.Session, secret, now()))
 	})
+}
+
+// writeToken answers an access token as OAuth2 does (RFC 6749 section
+// 5.1): {"access_token", "token_type": "bearer", "expires_in"}, which no
+// cache may keep.
+func writeToken(w http.ResponseWriter, token string) {
+	type response struct {
+		AccessToken string `json:"access_token"`
+		TokenType   string `json:"token_type"`
+		ExpiresIn   int64  `json:"expires_in"`
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Pragma", "no-cache")
+	writeJSON(w, http.StatusOK, response{token, "bearer", int64(accessTokenLifetime / time.Second)})
 }
 
 // handleUsersMe answers the user the request's token was issued to.
@@ -274,6 +292,87 @@ func handleUsersMe() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u := userOf(r)
 		writeJSON(w, http.StatusOK, response{ID: u.ID, Email: u.Email})
+	})
+}
+
+// handleLogout ends every session of the request's user: every token
+// issued to the user until now is refused from now on, on every device. A
+// stateless token cannot be ended alone, without a list of ended ones that
+// every request would check; so a logout ends all of the user's tokens.
+func handleLogout(logger *slog.Logger, users *store) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := users.endSessions(r.Context(), userOf(r).ID); err != nil {
+			writeStoreError(w, logger, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+}
+
+// handleChangePassword replaces the request's user's password, given
+// {"current_password", "new_password"}, and answers a fresh token: the
+// caller stays logged in, and every token issued before, the one sent
+// too, is refused. The new password follows the registration's rules and
+// must differ from the current one; both are checked before bcrypt runs,
+// so that a 422 never tells whether the current password was right.
+func handleChangePassword(logger *slog.Logger, users *store, hashCost int, secret []byte, now func() time.Time) http.Handler {
+	type request struct {
+		CurrentPassword *string `json:"current_password"`
+		NewPassword     *string `json:"new_password"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body request
+		if !readJSON(w, r, &body) || !required(w, "current_password", body.CurrentPassword) || !required(w, "new_password", body.NewPassword) {
+			return
+		}
+		u := userOf(r)
+		if err := validatePassword(*body.NewPassword, u.Email); err != nil {
+			writeError(w, http.StatusUnprocessableEntity, err.Error())
+			return
+		}
+		if *body.NewPassword == *body.CurrentPassword {
+			writeError(w, http.StatusUnprocessableEntity, "new_password must differ from current_password")
+			return
+		}
+		// Not 401: the token is valid, and a 401 would send the client to log in.
+		if !verifyPassword(*body.CurrentPassword, u.PasswordHash) {
+			writeError(w, http.StatusBadRequest, "Incorrect password")
+			return
+		}
+		hash, err := hashPassword(*body.NewPassword, hashCost)
+		if err == nil {
+			u, err = users.setPassword(r.Context(), u.ID, hash)
+		}
+		if err != nil {
+			writeStoreError(w, logger, err)
+			return
+		}
+		writeToken(w, createAccessToken(u.Email, u.Session, secret, now()))
+	})
+}
+
+// handleDeleteAccount removes the request's user, given {"password"}: the
+// user's tokens are refused from then on, and the email may register
+// again, as a new account that no old token opens.
+func handleDeleteAccount(logger *slog.Logger, users *store) http.Handler {
+	type request struct {
+		Password *string `json:"password"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body request
+		if !readJSON(w, r, &body) || !required(w, "password", body.Password) {
+			return
+		}
+		u := userOf(r)
+		if !verifyPassword(*body.Password, u.PasswordHash) {
+			writeError(w, http.StatusBadRequest, "Incorrect password")
+			return
+		}
+		if err := users.remove(r.Context(), u.ID); err != nil {
+			writeStoreError(w, logger, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 	})
 }
 
@@ -293,14 +392,20 @@ func requireUser(users *store, secret []byte, now func() time.Time) func(http.Ha
 				writeError(w, http.StatusUnauthorized, "Not authenticated")
 				return
 			case err != nil:
-				w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
-				writeError(w, http.StatusUnauthorized, "Could not validate credentials")
+				writeInvalidToken(w)
 				return
 			}
 			w.Header().Set("Cache-Control", "no-store") // a user's data follows
 			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userKey{}, u)))
 		})
 	}
+}
+
+// writeInvalidToken writes the 401 for a token that failed a check, or
+// whose user or session is gone (RFC 6750 section 3.1).
+func writeInvalidToken(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token"`)
+	writeError(w, http.StatusUnauthorized, "Could not validate credentials")
 }
 
 // userKey is the context key under which requireUser keeps the request's user.
@@ -319,19 +424,23 @@ var errNoToken = errors.New("no bearer token")
 // chapter's get_current_user, reading "Authorization: Bearer <token>" as
 // OAuth2PasswordBearer does (the scheme in any letter case). It returns
 // errNoToken if there is no such header, and an error wrapping
-// errInvalidToken if the token fails a check or its user is gone.
+// errInvalidToken if the token fails a check, its user is gone, or its
+// session has ended (a logout, a new password, an account made anew).
 func currentUser(r *http.Request, users *store, secret []byte, now time.Time) (User, error) {
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "Bearer") {
 		return User{}, errNoToken
 	}
-	email, err := verifyAccessToken(strings.TrimLeft(token, " "), secret, now)
+	email, session, err := verifyAccessToken(strings.TrimLeft(token, " "), secret, now)
 	if err != nil {
 		return User{}, err
 	}
 	u, found := users.lookup(email)
 	if !found {
 		return User{}, fmt.Errorf("%w: user %q no longer exists", errInvalidToken, email)
+	}
+	if session != u.Session {
+		return User{}, fmt.Errorf("%w: the session of user %d has ended", errInvalidToken, u.ID)
 	}
 	return u, nil
 }
@@ -418,18 +527,19 @@ type credentials struct {
 // returns false.
 func readJSONCredentials(w http.ResponseWriter, r *http.Request) (email, password string, ok bool) {
 	var body credentials
-	if !readJSON(w, r, &body) {
-		return "", "", false
-	}
-	switch {
-	case body.Email == nil:
-		writeError(w, http.StatusUnprocessableEntity, "email is required")
-		return "", "", false
-	case body.Password == nil:
-		writeError(w, http.StatusUnprocessableEntity, "password is required")
+	if !readJSON(w, r, &body) || !required(w, "email", body.Email) || !required(w, "password", body.Password) {
 		return "", "", false
 	}
 	return *body.Email, *body.Password, true
+}
+
+// required reports whether the member name of a JSON body was given, as v;
+// if it was not, or was null, it writes the 422 and returns false.
+func required(w http.ResponseWriter, name string, v *string) bool {
+	if v == nil {
+		writeError(w, http.StatusUnprocessableEntity, name+" is required")
+	}
+	return v != nil
 }
 
 // readFormCredentials reads an OAuth2 password grant form: username,
@@ -605,12 +715,15 @@ func writeBusy(w http.ResponseWriter) {
 }
 
 // writeStoreError answers an error from the store: a 409 for an email
-// already registered, a 503 for a write that did not get its turn, and
-// otherwise a 500, whose reason the log says and the client must not hear.
+// already registered, a 401 for a user deleted meanwhile, a 503 for a write
+// that did not get its turn, and otherwise a 500, whose reason the log
+// says and the client must not hear.
 func writeStoreError(w http.ResponseWriter, logger *slog.Logger, err error) {
 	switch {
 	case errors.Is(err, errEmailTaken):
 		writeError(w, http.StatusConflict, "Email already registered")
+	case errors.Is(err, errNoUser):
+		writeInvalidToken(w)
 	case errors.Is(err, errStoreBusy):
 		writeBusy(w)
 	default:
@@ -865,6 +978,14 @@ func throttleLogins(limiter *loginLimiter) func(http.Handler) http.Handler {
 	return throttle(limiter, loginEmail, http.StatusUnauthorized)
 }
 
+// throttleConfirmations returns a wrapper that counts the password
+// confirmations of an account's own routes, answered 400 when wrong, as
+// failed logins of the request's user: so a stolen token cannot be used to
+// guess the password. It goes inside requireUser, which finds the user.
+func throttleConfirmations(limiter *loginLimiter) func(http.Handler) http.Handler {
+	return throttle(limiter, func(r *http.Request) (string, bool) { return userOf(r).Email, true }, http.StatusBadRequest)
+}
+
 // loginEmail returns the normalised email a login tries, read as
 // handleLogin reads it, or false if handleLogin will refuse the body.
 func loginEmail(r *http.Request) (string, bool) {
@@ -1009,7 +1130,7 @@ func rehashCheapHashes(logger *slog.Logger, users *store, cost int) func(http.Ha
 			}
 			hash, err := hashPassword(password, cost)
 			if err == nil {
-				err = users.setHash(r.Context(), u.Email, u.PasswordHash, hash)
+				err = users.setHash(r.Context(), u.ID, u.PasswordHash, hash)
 			}
 			if err != nil {
 				logger.Warn("password not rehashed at the server's cost; the old hash stays", "user", u.ID, "err", err)

@@ -502,7 +502,7 @@ func TestVerifyPassword(t *testing.T) {
 
 func TestCreateAccessToken(t *testing.T) {
 	now := time.Unix(testStart, 0)
-	token := createAccessToken(testEmail, []byte(testSecret), now)
+	token := createAccessToken(testEmail, "the-session", []byte(testSecret), now)
 	segs := strings.Split(token, ".")
 	if len(segs) != 3 {
 		t.Fatalf("token has %d segments, want 3", len(segs))
@@ -512,17 +512,17 @@ func TestCreateAccessToken(t *testing.T) {
 		t.Errorf("header = %s", got)
 	}
 	claims, _ := b64.DecodeString(segs[1])
-	want := fmt.Sprintf(`{"sub":"ann@example.com","iat":%d,"exp":%d}`, testStart, testStart+1800)
+	want := fmt.Sprintf(`{"sub":"ann@example.com","iat":%d,"exp":%d,"sid":"the-session"}`, testStart, testStart+1800)
 	if got := string(claims); got != want {
 		t.Errorf("claims = %s, want %s", got, want)
 	}
 	if want := signRaw(segs[0]+"."+segs[1], []byte(testSecret)); token != want {
 		t.Errorf("token = %s, want it signed with HMAC-SHA256 under the secret: %s", token, want)
 	}
-	if sub, err := verifyAccessToken(token, []byte(testSecret), now.Add(29*time.Minute)); err != nil || sub != testEmail {
-		t.Errorf("verify at 29 min = %q, %v; want %q, nil", sub, err, testEmail)
+	if sub, sid, err := verifyAccessToken(token, []byte(testSecret), now.Add(29*time.Minute)); err != nil || sub != testEmail || sid != "the-session" {
+		t.Errorf("verify at 29 min = %q, %q, %v; want %q, the-session, nil", sub, sid, err, testEmail)
 	}
-	if _, err := verifyAccessToken(token, []byte(testSecret), now.Add(31*time.Minute)); !errors.Is(err, errInvalidToken) {
+	if _, _, err := verifyAccessToken(token, []byte(testSecret), now.Add(31*time.Minute)); !errors.Is(err, errInvalidToken) {
 		t.Errorf("verify at 31 min = %v, want errInvalidToken", err)
 	}
 }
@@ -651,7 +651,7 @@ func TestVerifyAccessToken(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sub, err := verifyAccessToken(tt.token, key, time.Unix(testStart, 0))
+			sub, _, err := verifyAccessToken(tt.token, key, time.Unix(testStart, 0))
 			if tt.ok && err != nil {
 				t.Errorf("verifyAccessToken = %v, want it accepted", err)
 			}
@@ -677,7 +677,7 @@ func TestVerifyAccessTokenFractional(t *testing.T) {
 		{`{"sub":"a","exp":1800000900,"nbf":1800000000.5}`, true},
 	}
 	for _, tt := range tests {
-		if _, err := verifyAccessToken(forge(jwtHeader, tt.claims, key), key, now); (err == nil) != tt.ok {
+		if _, _, err := verifyAccessToken(forge(jwtHeader, tt.claims, key), key, now); (err == nil) != tt.ok {
 			t.Errorf("claims %s at %s: err = %v, want accepted = %v", tt.claims, now.Format("15:04:05.000"), err, tt.ok)
 		}
 	}
@@ -698,11 +698,11 @@ func TestVerifyAccessTokenRFC7515(t *testing.T) {
 	if got, want := b64.EncodeToString(sign(token[:i], key)), token[i+1:]; got != want {
 		t.Fatalf("signature = %s, want the RFC's %s", got, want)
 	}
-	_, err = verifyAccessToken(token, key, time.Unix(testStart, 0))
+	_, _, err = verifyAccessToken(token, key, time.Unix(testStart, 0))
 	if !errors.Is(err, errInvalidToken) || !strings.Contains(err.Error(), "expired") {
 		t.Errorf("verify now = %v, want refused as expired", err)
 	}
-	_, err = verifyAccessToken(token, key, time.Unix(1300819379, 0)) // a second before its exp
+	_, _, err = verifyAccessToken(token, key, time.Unix(1300819379, 0)) // a second before its exp
 	if !errors.Is(err, errInvalidToken) || !strings.Contains(err.Error(), "sub") {
 		t.Errorf("verify before exp = %v, want refused for want of sub", err)
 	}
@@ -753,6 +753,7 @@ func TestCurrentUser(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
 	token := ts.token(t)
 	now := ts.clock.now()
+	ann, _ := ts.users.lookup(testEmail)
 	tests := []struct {
 		authorization string // "" for no header
 		want          error  // nil for the user
@@ -767,8 +768,10 @@ func TestCurrentUser(t *testing.T) {
 		{"Bearer ", errInvalidToken},
 		{"Bearer abc", errInvalidToken},
 		{"Bearer " + token[:len(token)-2] + "AA", errInvalidToken},
-		{"Bearer " + createAccessToken(testEmail, []byte("another-secret-of-at-least-32-bytes"), now), errInvalidToken},
-		{"Bearer " + createAccessToken("ghost@example.com", []byte(testSecret), now), errInvalidToken},
+		{"Bearer " + createAccessToken(testEmail, ann.Session, []byte("another-secret-of-at-least-32-bytes"), now), errInvalidToken},
+		{"Bearer " + createAccessToken("ghost@example.com", ann.Session, []byte(testSecret), now), errInvalidToken},
+		{"Bearer " + createAccessToken(testEmail, "an ended session", []byte(testSecret), now), errInvalidToken},
+		{"Bearer " + createAccessToken(testEmail, "", []byte(testSecret), now), errInvalidToken},
 	}
 	for _, tt := range tests {
 		r := httptest.NewRequest("GET", "/", nil)
@@ -986,7 +989,7 @@ func TestHandleLogin(t *testing.T) {
 			}
 			checkHeaders(t, w, "Cache-Control", "no-store", "Pragma", "no-cache")
 			token, _ := body["access_token"].(string)
-			if sub, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
+			if sub, _, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
 				t.Errorf("verifyAccessToken(access_token) = %q, %v; want %q, nil", sub, err, testEmail)
 			}
 		})
@@ -1008,6 +1011,170 @@ func TestHandleLoginFailuresAlike(t *testing.T) {
 			t.Errorf("failure = %d %v %s, want %d %v %s as for an unknown email", w.Code, w.Header(), w.Body, unknown.Code, unknown.Header(), unknown.Body)
 		}
 	}
+}
+
+// The account's own routes: log out, change the password, delete the
+// account. Each ends tokens by giving the user a new session, or none.
+
+// checkEnded checks that each token is refused as a token whose session
+// has ended.
+func (ts *testServer) checkEnded(t *testing.T, tokens ...string) {
+	t.Helper()
+	for i, token := range tokens {
+		w := ts.me(t, token)
+		checkDetail(t, w, 401, "Could not validate credentials")
+		if got := w.Header().Get("WWW-Authenticate"); got != `Bearer realm="api", error="invalid_token"` {
+			t.Errorf("token %d: WWW-Authenticate = %q", i, got)
+		}
+	}
+}
+
+// checkDurable checks that the last change reached the disk in order: the
+// temporary file synced, renamed over the users file, the folder synced.
+func checkDurable(t *testing.T, steps *[]string) {
+	t.Helper()
+	if got := strings.Join(*steps, ", "); got != "sync file, rename, sync folder" {
+		t.Errorf("disk steps = %s, want sync file, rename, sync folder", got)
+	}
+	*steps = nil
+}
+
+// account requests, each with token.
+func logout(token string) request { return bearer(request{method: "POST", path: "/logout"}, token) }
+
+func changePassword(token, current, next string) request {
+	body, _ := json.Marshal(map[string]string{"current_password": current, "new_password": next})
+	return bearer(postJSON("/users/me/password", string(body)), token).withMethod("PUT")
+}
+
+func deleteAccount(token, password string) request {
+	body, _ := json.Marshal(map[string]string{"password": password})
+	return bearer(postJSON("/users/me", string(body)), token).withMethod("DELETE")
+}
+
+func (req request) withMethod(method string) request { req.method = method; return req }
+
+// TestHandleLogout: a logout ends every token of the user, on every device,
+// and a login right after, in the same second, gets a token that works.
+func TestHandleLogout(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	laptop := ts.token(t)
+	phone := ts.tokenFor(t, testEmail, testPassword)
+	steps := watchDisk(ts.users, "")
+	w := ts.do(t, logout(laptop))
+	if w.Code != 204 || w.Body.Len() != 0 {
+		t.Fatalf("logout = %d %q, want 204 and no body", w.Code, w.Body)
+	}
+	checkDurable(t, steps)
+	ts.checkEnded(t, laptop, phone)
+	ts.checkEnded(t, laptop) // a second logout with an ended token
+	checkDetail(t, ts.do(t, logout(laptop)), 401, "Could not validate credentials")
+	checkDetail(t, ts.do(t, request{method: "POST", path: "/logout"}), 401, "Not authenticated")
+	again := ts.tokenFor(t, testEmail, testPassword) // the same second on the fake clock
+	checkJSON(t, ts.me(t, again), 200, map[string]any{"email": testEmail})
+	restarted := newTestServer(t, serverConfig{usersPath: ts.path})
+	restarted.checkEnded(t, phone)
+	checkJSON(t, restarted.me(t, again), 200, nil)
+}
+
+// TestHandleChangePassword: the current password confirmed, the new one
+// checked by the registration's rules, and then a fresh token that works,
+// while every token issued before is refused; the new password logs in,
+// the old one gets the vague 401. Each refusal changes nothing.
+func TestHandleChangePassword(t *testing.T) {
+	const next = "a new and longer passphrase"
+	ts := newTestServer(t, serverConfig{maxPerAccount: noLimit})
+	token := ts.token(t)
+	other := ts.tokenFor(t, testEmail, testPassword)
+	refusals := []struct {
+		req    request
+		status int
+		detail string
+	}{
+		{changePassword(token, "wrong", next), 400, "Incorrect password"},
+		{changePassword(token, testPassword, "short"), 422, "password must be at least 15 characters"},
+		{changePassword(token, testPassword, strings.Repeat("p", 73)), 422, "password must be at most 72 bytes (the limit of bcrypt)"},
+		{changePassword(token, "wrong", "short"), 422, "password must be at least 15 characters"},
+		{changePassword(token, testPassword, testPassword), 422, "new_password must differ from current_password"},
+		{bearer(postJSON("/users/me/password", `{"new_password":"a new and longer passphrase"}`), token).withMethod("PUT"),
+			422, "current_password is required"},
+		{bearer(postJSON("/users/me/password", `{"current_password":"x","current_password":"y"}`), token).withMethod("PUT"),
+			422, `body names "current_password" twice`},
+		{changePassword(token, testPassword, next).withHeader("Content-Type", "text/plain"), 415,
+			"body must be JSON, sent with Content-Type: application/json"},
+		{changePassword("", testPassword, next), 401, "Could not validate credentials"},
+	}
+	for _, r := range refusals {
+		checkJSON(t, ts.do(t, r.req), r.status, map[string]any{"detail": r.detail})
+	}
+	checkJSON(t, ts.me(t, token), 200, nil) // nothing changed
+
+	steps := watchDisk(ts.users, "")
+	w := ts.do(t, changePassword(token, testPassword, next))
+	body := checkJSON(t, w, 200, map[string]any{"token_type": "bearer", "expires_in": 1800})
+	checkHeaders(t, w, "Cache-Control", "no-store", "Pragma", "no-cache")
+	checkDurable(t, steps)
+	ts.checkEnded(t, token, other)
+	fresh, _ := body["access_token"].(string)
+	checkJSON(t, ts.me(t, fresh), 200, map[string]any{"email": testEmail})
+	checkJSON(t, ts.login(t, testEmail, testPassword), 401, map[string]any{"detail": "Invalid email or password"})
+	checkJSON(t, ts.login(t, testEmail, next), 200, nil)
+	checkJSON(t, newTestServer(t, serverConfig{usersPath: ts.path}).login(t, testEmail, next), 200, nil)
+}
+
+// TestHandleDeleteAccount: the password confirmed, the user is gone from
+// the users file, its tokens refused, a login with its email the vague
+// 401; the email registers again, with a new id, and no token of the
+// deleted account opens the new one, even in the same second.
+func TestHandleDeleteAccount(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	token := ts.token(t)
+	ts.register(t, "bob@example.com", testPassword)
+	checkJSON(t, ts.do(t, deleteAccount(token, "wrong")), 400, map[string]any{"detail": "Incorrect password"})
+	checkDetail(t, ts.do(t, bearer(postJSON("/users/me", `{}`), token).withMethod("DELETE")), 422, "password is required")
+	checkJSON(t, ts.me(t, token), 200, nil)
+
+	steps := watchDisk(ts.users, "")
+	if w := ts.do(t, deleteAccount(token, testPassword)); w.Code != 204 || w.Body.Len() != 0 {
+		t.Fatalf("delete = %d %q, want 204 and no body", w.Code, w.Body)
+	}
+	checkDurable(t, steps)
+	if f := readStoreFile(t, ts.path); len(f.Users) != 1 || f.Users[0].Email != "bob@example.com" || f.NextID != 3 {
+		t.Errorf("users file = %+v, want bob alone and next_id 3", f)
+	}
+	ts.checkEnded(t, token)
+	checkJSON(t, ts.login(t, testEmail, testPassword), 401, map[string]any{"detail": "Invalid email or password"})
+	checkJSON(t, ts.register(t, testEmail, testPassword), 201, map[string]any{"id": 3})
+	ts.checkEnded(t, token)
+	checkJSON(t, ts.me(t, ts.tokenFor(t, testEmail, testPassword)), 200, map[string]any{"id": 3})
+}
+
+// TestSessions: what binds a token to its account. A user removed from the
+// file by hand and registered again is not opened by the old account's
+// tokens; a users file written before sessions existed loads, and its
+// users get tokens that work until they log out; a rehash ends no token.
+func TestSessions(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	old := ts.token(t)
+	f := readStoreFile(t, ts.path)
+	f.Users = nil
+	os.WriteFile(ts.path, storeFileBytes(f), 0o600) // removed by hand, the server stopped
+	again := newTestServer(t, serverConfig{usersPath: ts.path})
+	again.register(t, testEmail, testPassword)
+	again.checkEnded(t, old)
+
+	cheap := mustHash(t, testPassword, bcrypt.MinCost)
+	path := filepath.Join(t.TempDir(), "users.json")
+	os.WriteFile(path, []byte(`{"next_id":2,"users":[{"id":1,"email":"ann@example.com","password_hash":"`+cheap+`"}]}`), 0o600)
+	before := newTestServer(t, serverConfig{usersPath: path, cost: bcrypt.MinCost + 1})
+	token := before.tokenFor(t, testEmail, testPassword) // and the hash rehashed at the server's cost
+	if u, _ := before.users.lookup(testEmail); hashCost(u.PasswordHash) != bcrypt.MinCost+1 {
+		t.Errorf("hash cost %d after a login, want the rehash's %d", hashCost(u.PasswordHash), bcrypt.MinCost+1)
+	}
+	checkJSON(t, before.me(t, token), 200, map[string]any{"email": testEmail})
+	checkJSON(t, newTestServer(t, serverConfig{usersPath: path}).me(t, token), 200, nil)
+	before.do(t, logout(token))
+	before.checkEnded(t, token)
 }
 
 // TestReadCredentials: a login's body read as JSON or as the OAuth2
@@ -1337,6 +1504,7 @@ func documentedStatuses(tb testing.TB) map[string]bool {
 // here, and TestOpenAPIDocument holds it to the document and the mux.
 var routes = []string{
 	"POST /register", "POST /login", "GET /users/me",
+	"POST /logout", "PUT /users/me/password", "DELETE /users/me",
 	"GET /healthz", "GET /openapi.json", "GET /docs",
 }
 
@@ -1647,6 +1815,11 @@ func TestRefuseCrossSiteServer(t *testing.T) {
 	}
 	checkDetail(t, ts.do(t, crossSite(postJSON("/register", creds("bob@example.com", testPassword)))), 403)
 	checkDetail(t, ts.do(t, crossSite(request{method: "POST", path: "/register", contentType: "text/plain"})), 403)
+	token := ts.tokenFor(t, testEmail, testPassword)
+	for _, req := range []request{logout(token), changePassword(token, testPassword, "a new and longer passphrase"), deleteAccount(token, testPassword)} {
+		checkDetail(t, ts.do(t, crossSite(req)), 403, "Cross-origin request refused")
+	}
+	checkJSON(t, ts.me(t, token), 200, nil)
 	if n := len(ts.cfg.limiter.counts); n != 0 {
 		t.Errorf("limiter holds %d counts after refused requests, want 0", n)
 	}
@@ -1841,6 +2014,60 @@ func TestThrottleNotCounted(t *testing.T) {
 	if w, _ := send(h, guess(testClient, testEmail, true)); w.Code != 429 {
 		t.Errorf("after one failure with a limit of 1: %d, want 429", w.Code)
 	}
+}
+
+// TestThrottleConfirmations: a wrong password confirmation of an account's
+// own routes (a 400) counts as a failed login of the request's user from
+// its address: a stolen token cannot guess the password. The sixth in the
+// window is a 429 whose handler never runs; a right one clears the count.
+func TestThrottleConfirmations(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	token := ts.token(t)
+	checked := 0
+	confirm := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body struct {
+			Password *string `json:"password"`
+		}
+		if !readJSON(w, r, &body) || !required(w, "password", body.Password) {
+			return
+		}
+		checked++
+		if *body.Password != testPassword {
+			writeError(w, http.StatusBadRequest, "Incorrect password")
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	h := with(confirm, requireUser(ts.users, ts.cfg.secret, ts.cfg.now), throttleConfirmations(ts.cfg.limiter))
+	var codes []int
+	for _, password := range []string{"a", "b", "c", "d", testPassword, "e", "f", "g", "h", "i", testPassword} {
+		w, _ := send(h, deleteAccount(token, password))
+		codes = append(codes, w.Code)
+	}
+	if want := []int{400, 400, 400, 400, 204, 400, 400, 400, 400, 400, 429}; !slices.Equal(codes, want) || checked != 10 {
+		t.Errorf("statuses = %v, %d checked; want %v, 10", codes, checked, want)
+	}
+	send(h, deleteAccount(token, "x").withHeader("Content-Type", "text/plain")) // refused before any check: not counted
+	if w, _ := send(h, deleteAccount(token, testPassword).from("192.0.2.99")); w.Code != 204 {
+		t.Errorf("from another address: %d, want 204", w.Code)
+	}
+}
+
+// TestThrottleConfirmationsServer: in the whole server, wrong passwords
+// given to DELETE /users/me and PUT /users/me/password and to /login share
+// one count: the sixth is a 429, at every one of them.
+func TestThrottleConfirmationsServer(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	token := ts.token(t)
+	for _, req := range []request{deleteAccount(token, "a"), changePassword(token, "b", "a new and longer passphrase"), deleteAccount(token, "c")} {
+		checkJSON(t, ts.do(t, req), 400, map[string]any{"detail": "Incorrect password"})
+	}
+	checkJSON(t, ts.login(t, testEmail, "d"), 401, nil)
+	checkJSON(t, ts.do(t, deleteAccount(token, "e")), 400, nil)
+	checkThrottled(t, ts.do(t, changePassword(token, testPassword, "a new and longer passphrase")), "900")
+	checkThrottled(t, ts.do(t, deleteAccount(token, testPassword)), "900")
+	checkThrottled(t, ts.login(t, testEmail, testPassword), "900")
+	checkJSON(t, ts.me(t, token), 200, nil)
 }
 
 // TestThrottleOff: a limit of 0 turns that limit off. The limits left on
@@ -2784,6 +3011,72 @@ func TestStoreSymlink(t *testing.T) {
 	checkJSON(t, newTestServer(t, serverConfig{usersPath: link}).login(t, "bob@example.com", testPassword), 200, nil)
 }
 
+// TestStoreChanges: setHash replaces only the hash it was given, and keeps
+// the session; setPassword and endSessions give a new session; remove keeps
+// next_id; a user who is gone is errNoUser. Each change is in the file.
+func TestStoreChanges(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openStore(filepath.Join(t.TempDir(), "users.json"), discardLog)
+	ann, _ := s.add(ctx, testEmail, "hash-1")
+	bob, _ := s.add(ctx, "bob@example.com", "hash-1")
+	if ann.Session == "" || ann.Session == bob.Session {
+		t.Errorf("sessions %q and %q: want two, made anew", ann.Session, bob.Session)
+	}
+	if err := s.setHash(ctx, ann.ID, "not the hash", "hash-2"); err == nil {
+		t.Error("setHash over a hash changed meanwhile succeeded")
+	}
+	if err := s.setHash(ctx, ann.ID, "hash-1", "hash-2"); err != nil {
+		t.Fatal(err)
+	}
+	if u, _ := s.lookup(testEmail); u.PasswordHash != "hash-2" || u.Session != ann.Session {
+		t.Errorf("after setHash: %+v; want hash-2 and the same session", u)
+	}
+	u, err := s.setPassword(ctx, ann.ID, "hash-3")
+	if err != nil || u.PasswordHash != "hash-3" || u.Session == ann.Session {
+		t.Errorf("setPassword = %+v, %v; want hash-3 and a new session", u, err)
+	}
+	if err := s.endSessions(ctx, ann.ID); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := s.lookup(testEmail); after.Session == u.Session {
+		t.Error("endSessions kept the session")
+	}
+	if err := s.remove(ctx, bob.ID); err != nil {
+		t.Fatal(err)
+	}
+	for _, err := range []error{s.remove(ctx, bob.ID), s.endSessions(ctx, bob.ID), s.setHash(ctx, 99, "", "")} {
+		if !errors.Is(err, errNoUser) {
+			t.Errorf("a change to a user who is gone = %v, want errNoUser", err)
+		}
+	}
+	f := readStoreFile(t, s.path)
+	if len(f.Users) != 1 || f.NextID != 3 || f.Users[0] != func() User { u, _ := s.lookup(testEmail); return u }() {
+		t.Errorf("users file = %+v, want ann as in memory, next_id 3", f)
+	}
+}
+
+// TestAccountRoutesStore: the account's routes keep the users file's
+// promises: a change that cannot get its turn is a 503 and changes
+// nothing, and a hand edit is never overwritten.
+func TestAccountRoutesStore(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	token := ts.token(t)
+	ts.users.maxWriteWait = 10 * time.Millisecond
+	ts.users.lockWrites(context.Background())
+	for _, req := range []request{logout(token), changePassword(token, testPassword, "a new and longer passphrase"), deleteAccount(token, testPassword)} {
+		checkDetail(t, ts.do(t, req), 503, "Server busy")
+	}
+	ts.users.unlockWrites()
+	checkJSON(t, ts.me(t, token), 200, nil)
+	editorSave(t, ts.path)
+	edited := snapshot(t, filepath.Dir(ts.path))
+	checkDetail(t, ts.do(t, logout(token)), 500, "Internal server error")
+	if snapshot(t, filepath.Dir(ts.path)) != edited {
+		t.Error("a logout overwrote a hand edit")
+	}
+	checkJSON(t, ts.me(t, token), 200, nil)
+}
+
 // TestRegisterWriteBusy: a registration that cannot start its file write
 // within the bound, because another write holds the file, answers 503 with
 // Retry-After and is not stored; once the file is free, it can be.
@@ -3569,7 +3862,7 @@ func addFuzzSeeds(f *testing.F) {
 func FuzzVerifyAccessToken(f *testing.F) {
 	key := []byte(testSecret)
 	now := time.Unix(testStart, 0)
-	good := createAccessToken(testEmail, []byte(testSecret), now)
+	good := createAccessToken(testEmail, "a session", []byte(testSecret), now)
 	f.Add(good, `{"alg":"HS256","typ":"JWT"}`, `{"sub":"ann@example.com","exp":1800001800}`)
 	f.Add(good[:len(good)-1]+"A", `{"alg":"none"}`, `{"sub":"a","exp":1e999}`)
 	f.Add("a.b.c", `{"alg":"HS256","crit":["b64"]}`, `{"sub":"","exp":1800000000}`)
@@ -3578,7 +3871,7 @@ func FuzzVerifyAccessToken(f *testing.F) {
 		`{"ALG":"HS256"}`, `null`)
 	f.Fuzz(func(t *testing.T, token, header, claims string) {
 		for _, tok := range []string{token, forge(header, claims, key)} {
-			sub, err := verifyAccessToken(tok, key, now)
+			sub, _, err := verifyAccessToken(tok, key, now)
 			if err != nil {
 				if !errors.Is(err, errInvalidToken) {
 					t.Fatalf("verifyAccessToken(%q) = %v, not an errInvalidToken", tok, err)
@@ -3616,7 +3909,7 @@ func FuzzLogin(f *testing.F) {
 		switch w.Code {
 		case http.StatusOK:
 			token, _ := decode(t, w.Body.Bytes())["access_token"].(string)
-			if sub, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
+			if sub, _, err := verifyAccessToken(token, []byte(testSecret), ts.clock.now()); err != nil || sub != testEmail {
 				t.Fatalf("200 for a token of %q, %v; only %s is registered", sub, err, testEmail)
 			}
 		case http.StatusUnauthorized:
@@ -3674,7 +3967,7 @@ func BenchmarkUsersMe(b *testing.B) {
 	for _, n := range []int{10, 100_000} {
 		b.Run(fmt.Sprintf("users=%d", n), func(b *testing.B) {
 			ts := benchServer(b, n)
-			token := createAccessToken(fmt.Sprintf("user%d@example.com", n-1), []byte(testSecret), ts.clock.now())
+			token := createAccessToken(fmt.Sprintf("user%d@example.com", n-1), "", []byte(testSecret), ts.clock.now())
 			b.ReportAllocs()
 			for b.Loop() {
 				if w := ts.me(b, token); w.Code != 200 {
@@ -3756,7 +4049,7 @@ func BenchmarkRegisterWrite(b *testing.B) {
 // write's time (see BenchmarkRegisterWrite).
 func BenchmarkUsersMeDuringRegistrations(b *testing.B) {
 	ts := benchServer(b, 100_000)
-	token := createAccessToken("user0@example.com", []byte(testSecret), ts.clock.now())
+	token := createAccessToken("user0@example.com", "", []byte(testSecret), ts.clock.now())
 
 	stop := make(chan struct{})
 	var writes sync.WaitGroup

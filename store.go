@@ -16,6 +16,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/json/v2"
 	"errors"
 	"fmt"
@@ -37,7 +38,15 @@ type User struct {
 	ID           int64  `json:"id"`
 	Email        string `json:"email"`
 	PasswordHash string `json:"password_hash"`
+	// Session is what the user's tokens carry: a new one, made when the
+	// user registers, logs out or changes the password, ends every token
+	// made before. Empty for a user of a file written before sessions were.
+	Session string `json:"session"`
 }
+
+// newSession returns a new session for a user: 128 random bits, so that no
+// two accounts, nor two sessions of one, ever have the same.
+func newSession() string { return rand.Text() }
 
 // normalizeEmail trims the surrounding spaces and lower-cases the ASCII
 // letters, so that " Ann@Example.com" and "ann@example.com" are one
@@ -53,6 +62,10 @@ func normalizeEmail(email string) string {
 
 // errEmailTaken is returned by add when the email is already registered.
 var errEmailTaken = errors.New("email already registered")
+
+// errNoUser is returned by a change to a user who is not registered, or no
+// longer.
+var errNoUser = errors.New("no such user")
 
 // storeFile is the layout of the users file. NextID is kept so that ids
 // never repeat, even if a user is removed from the file by hand.
@@ -237,9 +250,9 @@ func (s *store) costliestCost() int {
 	return costliest
 }
 
-// add registers a user with a normalised email and a password hash, as
-// save writes it. Each change rewrites the whole file, so its cost grows
-// with the users.
+// add registers a user with a normalised email and a password hash, and a
+// new session, as save writes it. Each change rewrites the whole file, so
+// its cost grows with the users.
 func (s *store) add(ctx context.Context, email, passwordHash string) (User, error) {
 	if err := s.lockWrites(ctx); err != nil {
 		return User{}, err
@@ -252,25 +265,78 @@ func (s *store) add(ctx context.Context, email, passwordHash string) (User, erro
 	if s.nextID+1 >= idLimit {
 		return User{}, fmt.Errorf("users file %s: no ids left below 2^53", s.path)
 	}
-	u := User{ID: s.nextID, Email: email, PasswordHash: passwordHash}
+	u := User{ID: s.nextID, Email: email, PasswordHash: passwordHash, Session: newSession()}
 	users := append(s.users, u) // s.users keeps its length until the file is written
-	return u, s.save(ctx, users, u.ID+1, u)
+	return u, s.save(ctx, users, u.ID+1, func(byEmail map[string]User) { byEmail[u.Email] = u })
 }
 
-// setHash replaces the password hash of the user of email, as save writes
-// it, if it is still oldHash: a password changed meanwhile is not undone.
-func (s *store) setHash(ctx context.Context, email, oldHash, newHash string) error {
+// update changes the user whose id this is with change, as save writes
+// it, and returns the user as changed. If change returns an error, nothing
+// is changed.
+func (s *store) update(ctx context.Context, id int64, change func(*User) error) (User, error) {
+	if err := s.lockWrites(ctx); err != nil {
+		return User{}, err
+	}
+	defer s.unlockWrites()
+	i := slices.IndexFunc(s.users, func(u User) bool { return u.ID == id })
+	if i < 0 {
+		return User{}, errNoUser
+	}
+	users := slices.Clone(s.users)
+	if err := change(&users[i]); err != nil {
+		return User{}, err
+	}
+	u := users[i]
+	return u, s.save(ctx, users, s.nextID, func(byEmail map[string]User) { byEmail[u.Email] = u })
+}
+
+// setHash replaces the password hash of the user whose id this is, if it
+// is still oldHash: a rehash never undoes a password changed meanwhile. The
+// session stays, so a rehash ends no token.
+func (s *store) setHash(ctx context.Context, id int64, oldHash, newHash string) error {
+	_, err := s.update(ctx, id, func(u *User) error {
+		if u.PasswordHash != oldHash {
+			return errors.New("the password changed meanwhile")
+		}
+		u.PasswordHash = newHash
+		return nil
+	})
+	return err
+}
+
+// setPassword replaces the password hash of the user whose id this is and
+// gives the user a new session: every token issued before is refused.
+func (s *store) setPassword(ctx context.Context, id int64, passwordHash string) (User, error) {
+	return s.update(ctx, id, func(u *User) error {
+		u.PasswordHash, u.Session = passwordHash, newSession()
+		return nil
+	})
+}
+
+// endSessions gives the user whose id this is a new session: every token
+// issued to the user until now is refused, on every device.
+func (s *store) endSessions(ctx context.Context, id int64) error {
+	_, err := s.update(ctx, id, func(u *User) error {
+		u.Session = newSession()
+		return nil
+	})
+	return err
+}
+
+// remove removes the user whose id this is, as save writes it. next_id
+// stays, so the id is never given again.
+func (s *store) remove(ctx context.Context, id int64) error {
 	if err := s.lockWrites(ctx); err != nil {
 		return err
 	}
 	defer s.unlockWrites()
-	i := slices.IndexFunc(s.users, func(u User) bool { return u.Email == email })
-	if i < 0 || s.users[i].PasswordHash != oldHash {
-		return fmt.Errorf("user %q is gone or has a new password", email)
+	i := slices.IndexFunc(s.users, func(u User) bool { return u.ID == id })
+	if i < 0 {
+		return errNoUser
 	}
-	users := slices.Clone(s.users)
-	users[i].PasswordHash = newHash
-	return s.save(ctx, users, s.nextID, users[i])
+	gone := s.users[i].Email
+	users := slices.Delete(slices.Clone(s.users), i, i+1)
+	return s.save(ctx, users, s.nextID, func(byEmail map[string]User) { delete(byEmail, gone) })
 }
 
 // lockWrites takes the turn to change the file, or returns errStoreBusy
@@ -290,17 +356,17 @@ func (s *store) lockWrites(ctx context.Context) error {
 func (s *store) unlockWrites() { <-s.writing }
 
 // save writes users and nextID to the file, then makes them what readers
-// see; changed is the one user that differs. If the new file is not in
-// place, nothing changes. If it is, but the folder's sync failed, memory
+// see, with apply making the same change to byEmail. If the new file is not
+// in place, nothing changes. If it is, but the folder's sync failed, memory
 // follows the file, and the error still says why.
-func (s *store) save(ctx context.Context, users []User, nextID int64, changed User) error {
+func (s *store) save(ctx context.Context, users []User, nextID int64, apply func(byEmail map[string]User)) error {
 	renamed, info, err := s.writeFile(ctx, storeFile{NextID: nextID, Users: users})
 	if !renamed {
 		return fmt.Errorf("save users to %s: %w", s.path, err)
 	}
 	s.users, s.nextID, s.written = users, nextID, info
 	s.mu.Lock()
-	s.byEmail[changed.Email] = changed
+	apply(s.byEmail)
 	s.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("save users to %s: %w", s.path, err)
