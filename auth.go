@@ -127,12 +127,18 @@ func hashCost(hash string) int {
 
 // compareAgain compares password with hash, whose comparison has just
 // failed, as many more times as make the work of one comparison at cost
-// costliest: bcrypt's work doubles with each step of cost, so a hash two
-// steps cheaper is compared three more times. So a failed login costs the
-// same time, and the same time in its CPU slot, whatever the cost of the
-// hash it was checked against, and tells nobody whether its email exists.
+// costliest. So a failed login costs the same time, and the same time in
+// its CPU slot, whatever the cost of the hash it was checked against, and
+// tells nobody whether its email exists.
+//
+// A comparison at cost c is 2^c rounds of bcrypt's key schedule and about
+// one round more to begin, so (2^costliest + 1) / (2^c + 1) comparisons,
+// rounded, make one at costliest: 4 at two steps cheaper, 241 at cost 4
+// for 12 (256 would take 6% longer).
 func compareAgain(password, hash string, costliest int) {
-	for range 1<<max(0, costliest-hashCost(hash)) - 1 {
+	cost := hashCost(hash)
+	comparisons := (1<<costliest + 1 + (1<<cost+1)/2) / (1<<cost + 1)
+	for range comparisons - 1 {
 		verifyPassword(password, hash)
 	}
 }
@@ -179,13 +185,17 @@ func (c *cpuSlots) release() { <-c.slots }
 // Throttling of failed logins.
 const (
 	failureWindow     = 15 * time.Minute
-	maxLimiterEntries = 100_000 // bounds the counters' memory
+	maxLimiterEntries = 100_000 // bounds each of the limiter's tables
 )
 
 // loginLimiter stops password guessing (RFC 6749 section 4.3.2): it counts
-// failed logins for each client address and email, and for each address,
-// over a 15-minute window opened by the first; at the limit, every attempt
-// under it is refused until the window closes.
+// failed logins for each client address and email, for each address, and
+// for each email from all addresses, over a 15-minute window opened by the
+// first; at a limit, every attempt under it is refused until the window
+// closes. Past the limit for an email, which many addresses reach
+// together, an address that logged in as that email within the window
+// still may try it: so a guesser with many addresses cannot lock the owner
+// out (NIST SP 800-63B-4 section 3.2.2).
 //
 // An attempt is counted as a failure when it begins, before bcrypt runs,
 // and taken back if it succeeds. So concurrent guesses cannot slip past the
@@ -193,45 +203,40 @@ const (
 type loginLimiter struct {
 	maxPerAccount int // failures for one address and email; 0: no limit
 	maxPerAddress int // failures for one address; 0: no limit
+	maxPerEmail   int // failures for one email from all addresses; 0: no limit
 	now           func() time.Time
 
-	// mu guards the fields below. It is never held while bcrypt runs.
-	mu     sync.Mutex
-	counts map[limiterKey]*list.Element // each holds a *failureCount
-	// byAge holds the counts oldest first. Every window is 15 minutes long,
-	// so the oldest count is also the first to expire.
-	byAge list.List
+	// mu guards the tables. It is never held while bcrypt runs.
+	mu       sync.Mutex
+	failures window // the counts of failures
+	trusted  window // each address and email that logged in within the window
 }
 
-// limiterKey names a count. A login's email may be any string up to the
-// 64 KiB body limit, so the key holds its SHA-256, which bounds a count's
-// size; an address's own count has none.
+// limiterKey names an entry of the limiter's tables. A login's email may
+// be any string up to the 64 KiB body limit, so the key holds its SHA-256,
+// which bounds an entry's size.
 type limiterKey struct {
-	addr  string
-	email [sha256.Size]byte // zero for the address's own count
+	addr  string            // "" for an email's count from all addresses
+	email [sha256.Size]byte // zero for an address's own count
 }
 
-// limiterKeys returns the keys of the two counts a login by addr for email
-// falls under.
-func limiterKeys(addr, email string) (account, address limiterKey) {
-	return limiterKey{addr, sha256.Sum256([]byte(email))}, limiterKey{addr: addr}
-}
-
-// failureCount is one count's state.
-type failureCount struct {
-	key     limiterKey
-	n       int
-	expires time.Time // when the window, opened by the first failure, closes
+// limiterKeys returns the keys of the three counts a login by addr for
+// email falls under: the address and email, the address, and the email.
+func limiterKeys(addr, email string) (account, address, everywhere limiterKey) {
+	sum := sha256.Sum256([]byte(email))
+	return limiterKey{addr, sum}, limiterKey{addr: addr}, limiterKey{email: sum}
 }
 
 // newLoginLimiter returns a limiter with the given limits (0 turns one off)
 // and clock.
-func newLoginLimiter(maxPerAccount, maxPerAddress int, now func() time.Time) *loginLimiter {
+func newLoginLimiter(maxPerAccount, maxPerAddress, maxPerEmail int, now func() time.Time) *loginLimiter {
 	return &loginLimiter{
 		maxPerAccount: maxPerAccount,
 		maxPerAddress: maxPerAddress,
+		maxPerEmail:   maxPerEmail,
 		now:           now,
-		counts:        make(map[limiterKey]*list.Element),
+		failures:      window{entries: make(map[limiterKey]*list.Element)},
+		trusted:       window{entries: make(map[limiterKey]*list.Element)},
 	}
 }
 
@@ -242,30 +247,40 @@ func (l *loginLimiter) begin(addr, email string) (retryAfter time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
-	l.dropExpired(now)
+	l.failures.dropExpired(now)
+	l.trusted.dropExpired(now)
 
-	account, address := limiterKeys(addr, email)
+	account, address, everywhere := limiterKeys(addr, email)
 	wait := max(l.wait(account, l.maxPerAccount, now), l.wait(address, l.maxPerAddress, now))
+	if l.trusted.get(account) == nil {
+		wait = max(wait, l.wait(everywhere, l.maxPerEmail, now))
+	}
 	if wait > 0 {
 		return (wait + time.Second - 1).Truncate(time.Second)
 	}
 	l.count(account, l.maxPerAccount, now)
 	l.count(address, l.maxPerAddress, now)
+	l.count(everywhere, l.maxPerEmail, now)
 	return 0
 }
 
-// succeeded clears the count of addr and email after a login succeeded, and
-// takes its own attempt back from the address's count: failures made
-// against other emails stay counted, or one account of one's own would
-// reset the address's limit.
+// succeeded clears the count of addr and email after a login succeeded,
+// takes its own attempt back from the address's and the email's counts,
+// and trusts addr for email for a window. Failures made against other
+// emails stay counted, or one account of one's own would reset the
+// address's limit; and failures made from other addresses stay counted,
+// or the owner's logins would give a guesser a new 100 guesses each.
 func (l *loginLimiter) succeeded(addr, email string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	account, address := limiterKeys(addr, email)
-	if e, ok := l.counts[account]; ok {
-		l.remove(e)
-	}
+	account, address, everywhere := limiterKeys(addr, email)
+	l.failures.remove(account)
 	l.uncount(address)
+	l.uncount(everywhere)
+	if l.maxPerEmail > 0 {
+		l.trusted.remove(account) // to renew its window
+		l.trusted.add(account, l.now())
+	}
 }
 
 // cancel takes back an attempt that begin counted but whose password was
@@ -273,59 +288,93 @@ func (l *loginLimiter) succeeded(addr, email string) {
 func (l *loginLimiter) cancel(addr, email string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	account, address := limiterKeys(addr, email)
+	account, address, everywhere := limiterKeys(addr, email)
 	l.uncount(account)
 	l.uncount(address)
+	l.uncount(everywhere)
 }
 
 // wait returns how long the count under key, whose limit is max, still
 // refuses logins: zero if it does not. A limit of 0 keeps no count.
 func (l *loginLimiter) wait(key limiterKey, max int, now time.Time) time.Duration {
-	e, ok := l.counts[key]
-	if !ok || e.Value.(*failureCount).n < max {
+	c := l.failures.get(key)
+	if c == nil || c.n < max {
 		return 0
 	}
-	return e.Value.(*failureCount).expires.Sub(now)
+	return c.expires.Sub(now)
 }
 
 // count counts one failure under key, opening a window if there is none.
-// When the counts are full, the oldest goes to make room.
 func (l *loginLimiter) count(key limiterKey, max int, now time.Time) {
 	if max == 0 {
 		return
 	}
-	if e, ok := l.counts[key]; ok {
-		e.Value.(*failureCount).n++
-		return
+	c := l.failures.get(key)
+	if c == nil {
+		c = l.failures.add(key, now)
 	}
-	if len(l.counts) >= maxLimiterEntries {
-		l.remove(l.byAge.Front())
-	}
-	l.counts[key] = l.byAge.PushBack(&failureCount{key: key, n: 1, expires: now.Add(failureWindow)})
+	c.n++
 }
 
 // uncount takes one failure back from the count under key.
 func (l *loginLimiter) uncount(key limiterKey) {
-	e, ok := l.counts[key]
-	if !ok {
-		return
-	}
-	if c := e.Value.(*failureCount); c.n > 1 {
+	c := l.failures.get(key)
+	switch {
+	case c == nil:
+	case c.n > 1:
 		c.n--
-		return
+	default:
+		l.failures.remove(key)
 	}
-	l.remove(e)
 }
 
-// dropExpired removes the counts whose window has closed: they are at the
+// window is a table of entries that each last failureWindow from when they
+// were made, maxLimiterEntries at most: when it is full, the oldest goes
+// to make room. Every entry lasts as long, so the oldest is also the first
+// to expire.
+type window struct {
+	entries map[limiterKey]*list.Element // each holds a *windowEntry
+	byAge   list.List                    // the entries, oldest first
+}
+
+// windowEntry is an entry of a window: a count of failures, or an address
+// trusted for an email.
+type windowEntry struct {
+	key     limiterKey
+	n       int       // failures counted
+	expires time.Time // when the window, opened by the entry, closes
+}
+
+// get returns the entry under key, or nil.
+func (w *window) get(key limiterKey) *windowEntry {
+	if e, ok := w.entries[key]; ok {
+		return e.Value.(*windowEntry)
+	}
+	return nil
+}
+
+// add makes an entry under key, lasting from now, and returns it.
+func (w *window) add(key limiterKey, now time.Time) *windowEntry {
+	if len(w.entries) >= maxLimiterEntries {
+		w.remove(w.byAge.Front().Value.(*windowEntry).key)
+	}
+	entry := &windowEntry{key: key, expires: now.Add(failureWindow)}
+	w.entries[key] = w.byAge.PushBack(entry)
+	return entry
+}
+
+// remove removes the entry under key, if there is one.
+func (w *window) remove(key limiterKey) {
+	if e, ok := w.entries[key]; ok {
+		delete(w.entries, key)
+		w.byAge.Remove(e)
+	}
+}
+
+// dropExpired removes the entries whose window has closed: they are at the
 // front of byAge.
-func (l *loginLimiter) dropExpired(now time.Time) {
-	for e := l.byAge.Front(); e != nil && !now.Before(e.Value.(*failureCount).expires); e = l.byAge.Front() {
-		l.remove(e)
+func (w *window) dropExpired(now time.Time) {
+	for e := w.byAge.Front(); e != nil && !now.Before(e.Value.(*windowEntry).expires); e = w.byAge.Front() {
+		w.remove(e.Value.(*windowEntry).key)
 	}
-}
-
-func (l *loginLimiter) remove(e *list.Element) {
-	delete(l.counts, e.Value.(*failureCount).key)
-	l.byAge.Remove(e)
 }

@@ -24,6 +24,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -58,7 +59,9 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	usersPath := flags.String("users", "users.json", "file that stores the users (created on the first registration)")
 	maxPerAccount := flags.Int("max-failures-per-account", 5, "failed logins for one client address and email in 15 minutes before logins are refused (0: no limit)")
 	maxPerAddress := flags.Int("max-failures-per-address", 100, "failed logins for one client address in 15 minutes before logins are refused (0: no limit)")
+	maxPerEmail := flags.Int("max-failures-per-email", 100, "failed logins for one email from all addresses in 15 minutes before only addresses that logged in as it may try it (0: no limit)")
 	maxConns := flags.Int("max-connections-per-address", 64, "open connections allowed for one client address; more are closed at once (0: no limit)")
+	maxAllConns := flags.Int("max-connections", defaultMaxConnections(), "open connections allowed in all, below the limit on open files; more are closed at once (0: no limit)")
 	var web webConfig
 	flags.Func("allow-origin", "an origin, such as http://localhost:5173, whose pages may call the API (CORS); may be repeated", func(origin string) error {
 		if origin == "*" {
@@ -66,6 +69,10 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		}
 		if err := http.NewCrossOriginProtection().AddTrustedOrigin(origin); err != nil {
 			return err // not scheme://host[:port]
+		}
+		// Else it would never match the Origin header, and fail with no word.
+		if sent := browserOrigin(origin); sent != origin {
+			return fmt.Errorf("a browser sends this origin as %s: give it so", sent)
 		}
 		web.allowOrigins = append(web.allowOrigins, origin)
 		return nil
@@ -83,8 +90,8 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		}
 		return err
 	}
-	if *maxPerAccount < 0 || *maxPerAddress < 0 || *maxConns < 0 {
-		return errors.New("-max-failures-per-account, -max-failures-per-address and -max-connections-per-address must be 0 (no limit) or more")
+	if min(*maxPerAccount, *maxPerAddress, *maxPerEmail, *maxConns, *maxAllConns) < 0 {
+		return errors.New("-max-failures-per-account, -max-failures-per-address, -max-failures-per-email, -max-connections-per-address and -max-connections must be 0 (no limit) or more")
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 
@@ -125,14 +132,14 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		now:       time.Now,
 		hashCost:  bcrypt.DefaultCost,
 		dummyHash: dummyHash,
-		limiter:   newLoginLimiter(*maxPerAccount, *maxPerAddress, time.Now),
+		limiter:   newLoginLimiter(*maxPerAccount, *maxPerAddress, *maxPerEmail, time.Now),
 		cpus:      newCPUSlots(),
 		costliest: max(bcrypt.DefaultCost, users.costliestCost()),
 		web:       web,
 	}
 	srv := newHTTPServer(newServer(logger, users, cfg), logger)
 	logger.Info("listening", "addr", ln.Addr().String(), "users", *usersPath)
-	return serve(ctx, srv, limitConnections(ln, *maxConns), logger)
+	return serve(ctx, srv, limitConnections(ln, *maxConns, *maxAllConns), logger)
 }
 
 // config is what newServer needs besides the log and the users.
@@ -262,7 +269,7 @@ func handleLogin(users *store, dummyHash string, secret []byte, now func() time.
 		if err != nil {
 			// The same answer for an unknown email and a wrong password.
 			w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
-			writeError(w, http.StatusUnauthorized, "Invalid email or password")
+			writeLoginError(w, r, http.StatusUnauthorized, "Invalid email or password", "invalid_grant")
 			return
 		}
 		writeToken(w, createAccessToken(u.Email, u.Session, secret, now()))
@@ -559,23 +566,23 @@ func readFormCredentials(w http.ResponseWriter, r *http.Request) (email, passwor
 	// The body alone, never the URL's query: a password must not be in a URL.
 	form, err := url.ParseQuery(string(body))
 	if err != nil {
-		writeError(w, http.StatusUnprocessableEntity, "body is not a valid form")
+		writeLoginError(w, r, http.StatusUnprocessableEntity, "body is not a valid form", "invalid_request")
 		return "", "", false
 	}
 	if grant, present := form["grant_type"]; present && (len(grant) != 1 || grant[0] != "password") {
-		writeError(w, http.StatusBadRequest, "unsupported grant_type")
+		writeLoginError(w, r, http.StatusBadRequest, "unsupported grant_type", "unsupported_grant_type")
 		return "", "", false
 	}
 	// As for JSON: not UTF-8, or a field given twice, is refused.
 	for name, values := range form {
 		if !utf8.ValidString(name) || slices.ContainsFunc(values, func(v string) bool { return !utf8.ValidString(v) }) {
-			writeError(w, http.StatusUnprocessableEntity, "body must be valid UTF-8")
+			writeLoginError(w, r, http.StatusUnprocessableEntity, "body must be valid UTF-8", "invalid_request")
 			return "", "", false
 		}
 	}
 	for _, field := range []string{"username", "password"} {
 		if len(form[field]) != 1 {
-			writeError(w, http.StatusUnprocessableEntity, field+" is required, once")
+			writeLoginError(w, r, http.StatusUnprocessableEntity, field+" is required, once", "invalid_request")
 			return "", "", false
 		}
 	}
@@ -662,7 +669,7 @@ const maxBodyBytes = 64 << 10
 // readBody reads a request body of at most maxBodyBytes. If it is larger,
 // it writes the 413 and returns false.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	body, err := readAll(http.MaxBytesReader(w, r.Body, maxBodyBytes), r.ContentLength)
 	if maxErr := (*http.MaxBytesError)(nil); errors.As(err, &maxErr) {
 		writeError(w, http.StatusRequestEntityTooLarge, "body must be at most 64 KiB")
 		return nil, false
@@ -673,6 +680,19 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 		return nil, false
 	}
 	return body, true
+}
+
+// readAll reads r to its end into a buffer sized from contentLength, the
+// size a request declares (-1 if it does not), up to maxBodyBytes: a body
+// of known size then costs one allocation of its size, where io.ReadAll's
+// doublings would cost about twice more, for every body, hostile or not.
+func readAll(r io.Reader, contentLength int64) ([]byte, error) {
+	var buf bytes.Buffer
+	if contentLength > 0 {
+		buf.Grow(int(min(contentLength, maxBodyBytes+1)) + bytes.MinRead)
+	}
+	_, err := buf.ReadFrom(r)
+	return buf.Bytes(), err
 }
 
 // isJSON reports whether a media type is JSON: application/json, or a
@@ -705,6 +725,22 @@ func writeError(w http.ResponseWriter, status int, detail string) {
 	writeJSON(w, status, struct {
 		Detail string `json:"detail"`
 	}{detail})
+}
+
+// writeLoginError writes a login's error in FastAPI's shape, and for a
+// login sent as the OAuth2 password form with RFC 6749 section 5.2's
+// members too, error (the code) and error_description, which OAuth2
+// clients read: requests-oauthlib, golang.org/x/oauth2.
+func writeLoginError(w http.ResponseWriter, r *http.Request, status int, detail, code string) {
+	if mediaType(r) != "application/x-www-form-urlencoded" {
+		writeError(w, status, detail)
+		return
+	}
+	writeJSON(w, status, struct {
+		Detail           string `json:"detail"`
+		Error            string `json:"error"`
+		ErrorDescription string `json:"error_description"`
+	}{detail, code, detail})
 }
 
 // writeBusy writes the 503 of a request that could not get its turn, at a
@@ -777,8 +813,8 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, logger *slog.
 }
 
 // logRequests returns a wrapper that logs one line per request: method,
-// path, status, duration. Never a header or a body, which may hold a
-// password or a token.
+// path, status, duration, and the client as throttling counts it. Never a
+// header or a body, which may hold a password or a token.
 func logRequests(logger *slog.Logger) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -786,7 +822,7 @@ func logRequests(logger *slog.Logger) func(http.Handler) http.Handler {
 			rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 			next.ServeHTTP(rec, r)
 			logger.Info("request", "method", r.Method, "path", r.URL.Path,
-				"status", rec.status, "duration", time.Since(start))
+				"status", rec.status, "duration", time.Since(start), "client", clientAddr(r.RemoteAddr))
 		})
 	}
 }
@@ -1029,38 +1065,73 @@ func throttle(limiter *loginLimiter, emailOf func(*http.Request) (string, bool),
 	}
 }
 
-// clientAddr returns the host of a connection's remote address, the client
-// that throttling and the connection cap count. Proxy headers such as
+// clientAddr returns the client that throttling and the connection caps
+// count for a connection's remote address: its IPv4 address, or the /64
+// network of its IPv6 address, since one host may hold a whole /64 and
+// take a new address in it for every request. Proxy headers such as
 // X-Forwarded-For are not trusted: any client can set them.
 func clientAddr(remoteAddr string) string {
 	host, _, err := net.SplitHostPort(remoteAddr)
 	if err != nil {
-		return remoteAddr
+		host = remoteAddr
 	}
-	return host
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	ip = ip.Unmap().WithZone("") // ::ffff:192.0.2.1 is 192.0.2.1
+	if ip.Is4() {
+		return ip.String()
+	}
+	network, _ := ip.Prefix(64)
+	return network.String()
 }
 
 // peekCredentials returns the email and password of a login request, read
 // with handleLogin's own reader, readCredentials, answering nothing, and
 // puts the body back for the handler. It returns false if readCredentials
-// will refuse the body.
+// will refuse the body. The body is read and its credentials found once,
+// however many wrappers ask.
 func peekCredentials(r *http.Request) (email, password string, ok bool) {
-	body, err := bufferBody(r)
-	if err != nil {
-		return "", "", false
+	b := bufferBody(r)
+	if b.peeked == nil {
+		peek := r.Clone(r.Context())
+		peek.Body, peek.ContentLength = io.NopCloser(bytes.NewReader(b.data)), int64(len(b.data))
+		b.peeked = &peekedCredentials{}
+		b.peeked.email, b.peeked.password, b.peeked.ok = readCredentials(newDiscardResponse(), peek)
 	}
-	peek := r.Clone(r.Context())
-	peek.Body = io.NopCloser(bytes.NewReader(body))
-	return readCredentials(newDiscardResponse(), peek)
+	return b.peeked.email, b.peeked.password, b.peeked.ok && b.err == nil
 }
+
+// peekedCredentials is what peekCredentials found in a body.
+type peekedCredentials struct {
+	email, password string
+	ok              bool
+}
+
+// bufferedBody is a request body that bufferBody has read and put back,
+// so that the handler reads it again from its start.
+type bufferedBody struct {
+	io.Reader
+	data   []byte             // the body, or its first maxBodyBytes+1 bytes
+	err    error              // the error reading it, if any
+	peeked *peekedCredentials // nil until peekCredentials has looked
+}
+
+// Close does nothing: the server closes the body it gave the handler.
+func (*bufferedBody) Close() error { return nil }
 
 // bufferBody reads r's body, up to one byte more than maxBodyBytes, and
 // puts it back, so that the handler reads it again and still finds it too
-// large if it is.
-func bufferBody(r *http.Request) ([]byte, error) {
-	body, err := io.ReadAll(io.LimitReader(r.Body, maxBodyBytes+1))
-	r.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body), r.Body))
-	return body, err
+// large if it is. A body already buffered is not read again.
+func bufferBody(r *http.Request) *bufferedBody {
+	if b, ok := r.Body.(*bufferedBody); ok {
+		return b
+	}
+	data, err := readAll(io.LimitReader(r.Body, maxBodyBytes+1), r.ContentLength)
+	b := &bufferedBody{Reader: io.MultiReader(bytes.NewReader(data), r.Body), data: data, err: err}
+	r.Body = b
+	return b
 }
 
 // waitForCPU returns a wrapper that runs next, whose work is bcrypt, in one
@@ -1155,23 +1226,26 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 	}
 }
 
-// limitConnections caps each client address's open connections at max (0:
-// no cap), closing one over it at once: one client cannot take the file
-// descriptors and memory others need.
-func limitConnections(ln net.Listener, max int) net.Listener {
-	if max == 0 {
+// limitConnections caps each client's open connections at perClient, and
+// all clients' at total (0: no cap), closing one over a cap at once: one
+// client cannot take the file descriptors and memory others need, and many
+// together cannot take the server's last ones, which it needs to accept
+// and to write the users file. The connections open are served.
+func limitConnections(ln net.Listener, perClient, total int) net.Listener {
+	if perClient == 0 && total == 0 {
 		return ln
 	}
-	return &connLimiter{Listener: ln, max: max, open: make(map[string]int)}
+	return &connLimiter{Listener: ln, perClient: perClient, total: total, open: make(map[string]int)}
 }
 
-// connLimiter is a listener that counts each client address's connections.
+// connLimiter is a listener that counts each client's connections, and all.
 type connLimiter struct {
 	net.Listener
-	max int
+	perClient, total int // 0: no cap
 
-	mu   sync.Mutex     // guards open
-	open map[string]int // open connections by client address
+	mu      sync.Mutex     // guards open and openAll
+	open    map[string]int // open connections by client
+	openAll int
 }
 
 func (l *connLimiter) Accept() (net.Conn, error) {
@@ -1182,9 +1256,10 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 		}
 		addr := clientAddr(conn.RemoteAddr().String())
 		l.mu.Lock()
-		admitted := l.open[addr] < l.max
+		admitted := (l.perClient == 0 || l.open[addr] < l.perClient) && (l.total == 0 || l.openAll < l.total)
 		if admitted {
 			l.open[addr]++
+			l.openAll++
 		}
 		l.mu.Unlock()
 		if admitted {
@@ -1194,7 +1269,7 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 	}
 }
 
-// countedConn gives its place back to its address's count when closed.
+// countedConn gives its place back to the counts when closed.
 type countedConn struct {
 	net.Conn
 	limiter *connLimiter
@@ -1206,9 +1281,60 @@ func (c *countedConn) Close() error {
 	c.once.Do(func() {
 		c.limiter.mu.Lock()
 		defer c.limiter.mu.Unlock()
+		c.limiter.openAll--
 		if c.limiter.open[c.addr]--; c.limiter.open[c.addr] == 0 {
 			delete(c.limiter.open, c.addr)
 		}
 	})
 	return c.Conn.Close()
+}
+
+// descriptorsKept is how many file descriptors the connection cap leaves
+// for the server's own: the listener, the users file, its temporary file
+// and its folder while a change is written, standard streams, the runtime's.
+const descriptorsKept = 32
+
+// defaultMaxConnections returns the cap on all open connections: the
+// process's limit on open files, less descriptorsKept.
+func defaultMaxConnections() int {
+	return max(1, openFilesLimit()-descriptorsKept)
+}
+
+// openFilesLimit returns the process's limit on open files (RLIMIT_NOFILE,
+// which Go raises to the hard limit at start), as Linux reports it in
+// /proc/self/limits, or 1024 where that cannot be read. (Reading the file,
+// rather than calling syscall.Getrlimit, keeps the program building on
+// every system, Windows included.)
+func openFilesLimit() int {
+	limits, _ := os.ReadFile("/proc/self/limits")
+	for line := range strings.Lines(string(limits)) {
+		// Max open files            20000                20000                files
+		if fields := strings.Fields(line); strings.HasPrefix(line, "Max open files") && len(fields) == 6 {
+			if n, err := strconv.Atoi(fields[3]); err == nil {
+				return n
+			}
+		}
+	}
+	return 1024
+}
+
+// browserOrigin returns origin as a browser sends it in an Origin header:
+// the scheme and host in lower case, and no port if it is the scheme's
+// default one.
+func browserOrigin(origin string) string {
+	u, err := url.Parse(origin)
+	if err != nil {
+		return origin
+	}
+	scheme, host, port := strings.ToLower(u.Scheme), strings.ToLower(u.Hostname()), u.Port()
+	if scheme == "http" && port == "80" || scheme == "https" && port == "443" {
+		port = ""
+	}
+	if port == "" {
+		if strings.Contains(host, ":") { // an IPv6 address
+			host = "[" + host + "]"
+		}
+		return scheme + "://" + host
+	}
+	return scheme + "://" + net.JoinHostPort(host, port)
 }

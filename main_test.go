@@ -38,6 +38,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -98,6 +99,7 @@ type serverConfig struct {
 	cost          int           // bcrypt cost of new hashes; 0 for MinCost
 	maxPerAccount int           // 0 for the default, 5; noLimit for none
 	maxPerAddress int           // 0 for the default, 100; noLimit for none
+	maxPerEmail   int           // 0 for the default, 100; noLimit for none
 	cpus          int           // bcrypt runs at once; 0 for newCPUSlots's
 	maxCPUWait    time.Duration // 0 for newCPUSlots's
 	logger        *slog.Logger  // nil for no log
@@ -155,7 +157,7 @@ func newTestServer(tb testing.TB, sc serverConfig) *testServer {
 		now:       clock.now,
 		hashCost:  sc.cost,
 		dummyHash: dummyHash,
-		limiter:   newLoginLimiter(limit(sc.maxPerAccount, 5), limit(sc.maxPerAddress, 100), clock.now),
+		limiter:   newLoginLimiter(limit(sc.maxPerAccount, 5), limit(sc.maxPerAddress, 100), limit(sc.maxPerEmail, 100), clock.now),
 		cpus:      cpus,
 		costliest: max(sc.cost, users.costliestCost()),
 		web:       sc.web,
@@ -976,8 +978,7 @@ func TestHandleLogin(t *testing.T) {
 			ts.register(t, testEmail, testPassword)
 			w := ts.do(t, tt.req)
 			if tt.status != http.StatusOK {
-				checkDetail(t, w, tt.status)
-				checkJSON(t, w, tt.status, map[string]any{"detail": tt.detail})
+				checkLoginError(t, w, tt.req, tt.status, tt.detail)
 				if tt.status == http.StatusUnauthorized {
 					checkHeaders(t, w, "WWW-Authenticate", `Bearer realm="api"`)
 				}
@@ -996,19 +997,52 @@ func TestHandleLogin(t *testing.T) {
 	}
 }
 
+// oauthCodes is the RFC 6749 section 5.2 error code each detail of a form
+// login's failure carries.
+var oauthCodes = map[string]string{
+	"Invalid email or password":  "invalid_grant",
+	"unsupported grant_type":     "unsupported_grant_type",
+	"password is required, once": "invalid_request",
+	"username is required, once": "invalid_request",
+	"body must be valid UTF-8":   "invalid_request",
+	"body is not a valid form":   "invalid_request",
+}
+
+// checkLoginError checks a login's failure: exactly {"detail"} for JSON,
+// and for the OAuth2 form, where the detail has an OAuth2 code, also
+// error and error_description, which OAuth2 clients read.
+func checkLoginError(t *testing.T, w *httptest.ResponseRecorder, req request, status int, detail string) {
+	t.Helper()
+	code, ok := oauthCodes[detail]
+	if !strings.HasPrefix(req.contentType, formType) || !ok {
+		checkDetail(t, w, status)
+		checkJSON(t, w, status, map[string]any{"detail": detail})
+		return
+	}
+	if body := checkJSON(t, w, status, map[string]any{"detail": detail, "error": code, "error_description": detail}); len(body) != 3 {
+		t.Errorf("form error body = %s, want detail, error, error_description", w.Body)
+	}
+}
+
 // TestHandleLoginFailuresAlike checks that every failed login answers the
 // same bytes and headers, so none tells which emails are registered.
 func TestHandleLoginFailuresAlike(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
 	ts.register(t, testEmail, testPassword)
-	unknown := ts.login(t, "nobody@example.com", testPassword)
-	for _, w := range []*httptest.ResponseRecorder{
-		ts.login(t, testEmail, "wrong password"),
-		ts.login(t, testEmail, testPassword+strings.Repeat("x", 100)),
-		ts.do(t, postForm("/login", "username=ann%40example.com&password=nope")),
+	for _, tt := range []struct {
+		unknown *httptest.ResponseRecorder
+		others  []*httptest.ResponseRecorder
+	}{
+		{ts.login(t, "nobody@example.com", testPassword), []*httptest.ResponseRecorder{
+			ts.login(t, testEmail, "wrong password"), ts.login(t, testEmail, testPassword+strings.Repeat("x", 100))}},
+		{ts.do(t, postForm("/login", formCreds("nobody@example.com", testPassword))), []*httptest.ResponseRecorder{
+			ts.do(t, postForm("/login", formCreds(testEmail, "nope")))}},
 	} {
-		if w.Code != unknown.Code || w.Body.String() != unknown.Body.String() || fmt.Sprint(w.Header()) != fmt.Sprint(unknown.Header()) {
-			t.Errorf("failure = %d %v %s, want %d %v %s as for an unknown email", w.Code, w.Header(), w.Body, unknown.Code, unknown.Header(), unknown.Body)
+		for _, w := range tt.others {
+			if w.Code != tt.unknown.Code || w.Body.String() != tt.unknown.Body.String() || fmt.Sprint(w.Header()) != fmt.Sprint(tt.unknown.Header()) {
+				t.Errorf("failure = %d %v %s, want %d %v %s as for an unknown email",
+					w.Code, w.Header(), w.Body, tt.unknown.Code, tt.unknown.Header(), tt.unknown.Body)
+			}
 		}
 	}
 }
@@ -1820,7 +1854,7 @@ func TestRefuseCrossSiteServer(t *testing.T) {
 		checkDetail(t, ts.do(t, crossSite(req)), 403, "Cross-origin request refused")
 	}
 	checkJSON(t, ts.me(t, token), 200, nil)
-	if n := len(ts.cfg.limiter.counts); n != 0 {
+	if n := len(ts.cfg.limiter.failures.entries); n != 0 {
 		t.Errorf("limiter holds %d counts after refused requests, want 0", n)
 	}
 	if _, found := ts.users.lookup("bob@example.com"); found {
@@ -1839,11 +1873,10 @@ func checkThrottled(t *testing.T, w *httptest.ResponseRecorder, retryAfter strin
 }
 
 // throttled returns fakeLogin inside throttleLogins with the given limits
-// (noLimit for none), the limiter, and its clock.
-func throttled(perAccount, perAddress int, checked *int) (http.Handler, *loginLimiter, *fakeClock) {
+// (0 for none), the limiter, and its clock.
+func throttled(perAccount, perAddress, perEmail int, checked *int) (http.Handler, *loginLimiter, *fakeClock) {
 	clock := newFakeClock()
-	limit := func(n int) int { return max(n, 0) }
-	l := newLoginLimiter(limit(perAccount), limit(perAddress), clock.now)
+	l := newLoginLimiter(perAccount, perAddress, perEmail, clock.now)
 	return with(fakeLogin(checked), throttleLogins(l)), l, clock
 }
 
@@ -1852,7 +1885,7 @@ func throttled(perAccount, perAddress int, checked *int) (http.Handler, *loginLi
 // never run, until the window closes.
 func TestThrottlePerAccount(t *testing.T) {
 	checked := 0
-	h, _, clock := throttled(5, 100, &checked)
+	h, _, clock := throttled(5, 100, 100, &checked)
 	const attacker = "198.51.100.7"
 	for range 5 {
 		if w, _ := send(h, guess(attacker, testEmail, false)); w.Code != 401 {
@@ -1888,7 +1921,7 @@ func TestThrottlePerAccount(t *testing.T) {
 // for five more failures.
 func TestThrottleSuccessClearsCount(t *testing.T) {
 	checked := 0
-	h, _, _ := throttled(5, 100, &checked)
+	h, _, _ := throttled(5, 100, 100, &checked)
 	var codes []int
 	for _, right := range []bool{false, false, false, false, true, false, false, false, false, false, true} {
 		w, _ := send(h, guess(testClient, testEmail, right))
@@ -1904,7 +1937,7 @@ func TestThrottleSuccessClearsCount(t *testing.T) {
 // the count of the account under attack, nor the count of their address.
 func TestThrottleOwnAccount(t *testing.T) {
 	checked := 0
-	h, _, _ := throttled(3, 10, &checked)
+	h, _, _ := throttled(3, 10, 100, &checked)
 	status := func(email string, right bool) int { w, _ := send(h, guess(testClient, email, right)); return w.Code }
 	for range 3 {
 		status(testEmail, false)
@@ -1931,7 +1964,7 @@ func TestThrottleOwnAccount(t *testing.T) {
 // emails, throttle every email from that address, and no other address.
 func TestThrottlePerAddress(t *testing.T) {
 	checked := 0
-	h, _, clock := throttled(5, 100, &checked)
+	h, _, clock := throttled(5, 100, 100, &checked)
 	const attacker = "2001:db8::1"
 	for i := range 100 {
 		send(h, guess(attacker, fmt.Sprintf("user%d@example.com", i), false))
@@ -1953,7 +1986,7 @@ func TestThrottlePerAddress(t *testing.T) {
 // address with X-Forwarded-For.
 func TestThrottleProxyHeadersIgnored(t *testing.T) {
 	checked := 0
-	h, _, _ := throttled(5, 100, &checked)
+	h, _, _ := throttled(5, 100, 100, &checked)
 	for i := range 6 {
 		req := guess(testClient, testEmail, false).withHeader("X-Forwarded-For", fmt.Sprintf("10.0.0.%d", i))
 		req = req.withHeader("X-Real-IP", fmt.Sprintf("10.0.0.%d", i))
@@ -1971,7 +2004,7 @@ func TestThrottleProxyHeadersIgnored(t *testing.T) {
 // the handler five times, not twenty: an attempt is counted before it runs.
 func TestThrottleConcurrentGuesses(t *testing.T) {
 	checked := 0
-	h, _, _ := throttled(5, 100, &checked)
+	h, _, _ := throttled(5, 100, 100, &checked)
 	codes := make(chan int, 20)
 	var wg sync.WaitGroup
 	for range 20 {
@@ -1993,7 +2026,7 @@ func TestThrottleConcurrentGuesses(t *testing.T) {
 // than 200 or 401, here a busy CPU's 503, is taken back.
 func TestThrottleNotCounted(t *testing.T) {
 	clock := newFakeClock()
-	l := newLoginLimiter(1, 100, clock.now)
+	l := newLoginLimiter(1, 100, 100, clock.now)
 	checked := 0
 	h := with(fakeLogin(&checked), throttleLogins(l))
 	for _, req := range []request{
@@ -2007,12 +2040,108 @@ func TestThrottleNotCounted(t *testing.T) {
 	}
 	busy := with(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { writeBusy(w) }), throttleLogins(l))
 	send(busy, guess(testClient, testEmail, false))
-	if n := len(l.counts); n != 0 {
+	if n := len(l.failures.entries); n != 0 {
 		t.Errorf("limiter holds %d counts, want 0", n)
 	}
 	send(h, guess(testClient, testEmail, false))
 	if w, _ := send(h, guess(testClient, testEmail, true)); w.Code != 429 {
 		t.Errorf("after one failure with a limit of 1: %d, want 429", w.Code)
+	}
+}
+
+// TestClientAddr: the client an address counts as: an IPv4 address as
+// itself, an IPv6 address as its /64, an IPv4 address mapped into IPv6 as
+// the IPv4 address.
+func TestClientAddr(t *testing.T) {
+	for remote, want := range map[string]string{
+		"192.0.2.1:40000":              "192.0.2.1",
+		"[2001:db8:1:2:3:4:5:6]:40000": "2001:db8:1:2::/64",
+		"[2001:db8:1:2:ffff::1]:1":     "2001:db8:1:2::/64",
+		"[2001:db8:1:3::1]:1":          "2001:db8:1:3::/64",
+		"[::ffff:192.0.2.1]:40000":     "192.0.2.1",
+		"[fe80::1%eth0]:40000":         "fe80::/64",
+		"[::1]:8080":                   "::/64",
+		"not an address":               "not an address",
+	} {
+		if got := clientAddr(remote); got != want {
+			t.Errorf("clientAddr(%q) = %q, want %q", remote, got, want)
+		}
+	}
+}
+
+// TestThrottleIPv6Network: the addresses of one IPv6 /64 share their
+// counts, as one host rotating through them would; another /64 does not.
+func TestThrottleIPv6Network(t *testing.T) {
+	checked := 0
+	h, _, _ := throttled(5, 100, 100, &checked)
+	for i := range 5 {
+		send(h, guess(fmt.Sprintf("2001:db8:1:2::%x", i+1), testEmail, false))
+	}
+	w, _ := send(h, guess("2001:db8:1:2:ffff:ffff:ffff:ffff", testEmail, true))
+	checkThrottled(t, w, "900")
+	if w, _ := send(h, guess("2001:db8:1:3::1", testEmail, true)); w.Code != 200 {
+		t.Errorf("another /64: %d, want 200", w.Code)
+	}
+}
+
+// TestThrottlePerEmail: one email takes at most 100 failed logins in the
+// window from all addresses (NIST SP 800-63B-4 section 3.2.2): the 101st,
+// from the 21st address, is refused, while an address that logged in as
+// that email within the window still logs in, and no other email is
+// throttled. Once the window closes, every address may try again.
+func TestThrottlePerEmail(t *testing.T) {
+	checked := 0
+	h, l, clock := throttled(5, 100, 100, &checked)
+	const owner = "203.0.113.1"
+	if w, _ := send(h, guess(owner, testEmail, true)); w.Code != 200 {
+		t.Fatalf("the owner's login: %d", w.Code)
+	}
+	for a := range 20 {
+		for range 5 {
+			send(h, guess(fmt.Sprintf("198.51.100.%d", a+1), testEmail, false))
+		}
+	}
+	w, _ := send(h, guess("198.51.100.21", testEmail, true))
+	checkThrottled(t, w, "900")
+	if w, _ := send(h, guess("198.51.100.21", "bob@example.com", false)); w.Code != 401 {
+		t.Errorf("another email from the 21st address: %d, want 401", w.Code)
+	}
+	for _, right := range []bool{false, true} { // the owner, even after a typo
+		if w, _ := send(h, guess(owner, testEmail, right)); w.Code != map[bool]int{false: 401, true: 200}[right] {
+			t.Errorf("the owner's address, right password %v: %d", right, w.Code)
+		}
+	}
+	if checked != 104 {
+		t.Errorf("the handler checked %d passwords, want 104: the owner's 3, 100 guesses and bob's", checked)
+	}
+	clock.advance(failureWindow)
+	if w, _ := send(h, guess("198.51.100.21", testEmail, true)); w.Code != 200 {
+		t.Errorf("after the window: %d, want 200", w.Code)
+	}
+	if n := len(l.trusted.entries); n != 1 {
+		t.Errorf("%d trusted addresses, want 1: the 21st; the owner's expired with the window", n)
+	}
+}
+
+// TestLimiterTrustedBounded: the trusted addresses are a table of their
+// own, bounded as the counts are: a flood of failures never pushes the
+// owner's address out of it.
+func TestLimiterTrustedBounded(t *testing.T) {
+	clock := newFakeClock()
+	l := newLoginLimiter(5, 100, 100, clock.now)
+	l.begin("203.0.113.1", testEmail)
+	l.succeeded("203.0.113.1", testEmail)
+	for i := range maxLimiterEntries {
+		l.begin(fmt.Sprintf("10.%d.%d.%d", i>>16, i>>8&255, i&255), fmt.Sprintf("flood%d@example.com", i))
+	}
+	if len(l.failures.entries) != maxLimiterEntries || len(l.trusted.entries) != 1 {
+		t.Errorf("%d counts, %d trusted; want %d and the owner's 1", len(l.failures.entries), len(l.trusted.entries), maxLimiterEntries)
+	}
+	for i := range maxLimiterEntries + 1 {
+		l.succeeded(fmt.Sprint("10.0.0.", i), testEmail)
+	}
+	if len(l.trusted.entries) != maxLimiterEntries {
+		t.Errorf("%d trusted after a flood of successes, want the bound %d", len(l.trusted.entries), maxLimiterEntries)
 	}
 }
 
@@ -2070,25 +2199,25 @@ func TestThrottleConfirmationsServer(t *testing.T) {
 	checkJSON(t, ts.me(t, token), 200, nil)
 }
 
-// TestThrottleOff: a limit of 0 turns that limit off. The limits left on
-// are 3 per account and 10 per address; each case fails more often than the
-// limit it turns off would allow, spread over emails so that the limit left
-// on is not reached.
+// TestThrottleOff: a limit of 0 turns that limit off. Each case fails more
+// often than the limit it turns off would allow, spread over emails so
+// that the limits left on are not reached.
 func TestThrottleOff(t *testing.T) {
 	tests := []struct {
-		name                   string
-		perAccount, perAddress int
-		failures, emails       int  // failures, spread over this many emails
-		wantThrottled          bool // is the next attempt throttled?
+		name                             string
+		perAccount, perAddress, perEmail int
+		failures, emails                 int  // failures, spread over this many emails
+		wantThrottled                    bool // is the next attempt throttled?
 	}{
-		{"both on, control", 3, 10, 3, 1, true},
-		{"per account off", 0, 10, 5, 1, false},
-		{"per address off", 3, 0, 12, 12, false},
-		{"both off", 0, 0, 12, 1, false},
+		{"all on, control", 3, 10, 4, 3, 1, true},
+		{"per account off", 0, 10, 6, 5, 1, false},
+		{"per address off", 3, 0, 4, 12, 12, false},
+		{"per email off", 0, 10, 0, 5, 1, false},
+		{"all off", 0, 0, 0, 12, 1, false},
 	}
 	for _, tt := range tests {
 		checked := 0
-		h, l, _ := throttled(tt.perAccount, tt.perAddress, &checked)
+		h, l, _ := throttled(tt.perAccount, tt.perAddress, tt.perEmail, &checked)
 		for i := range tt.failures {
 			send(h, guess(testClient, fmt.Sprintf("user%d@example.com", i%tt.emails), false))
 		}
@@ -2096,8 +2225,8 @@ func TestThrottleOff(t *testing.T) {
 		if got := w.Code == 429; got != tt.wantThrottled {
 			t.Errorf("%s: throttled after %d failures = %v, want %v", tt.name, tt.failures, got, tt.wantThrottled)
 		}
-		if tt.perAccount == 0 && tt.perAddress == 0 && len(l.counts) != 0 {
-			t.Errorf("limiter holds %d counts with both limits off", len(l.counts))
+		if tt.perAccount+tt.perAddress+tt.perEmail == 0 && len(l.failures.entries) != 0 {
+			t.Errorf("limiter holds %d counts with every limit off", len(l.failures.entries))
 		}
 	}
 }
@@ -2126,11 +2255,11 @@ func TestThrottleServer(t *testing.T) {
 // more than maxLimiterEntries, expired counts go first, then the oldest.
 func TestLimiterBounded(t *testing.T) {
 	clock := newFakeClock()
-	l := newLoginLimiter(5, 100, clock.now)
+	l := newLoginLimiter(5, 100, 0, clock.now)
 	check := func(when string) {
 		t.Helper()
-		if len(l.counts) > maxLimiterEntries || l.byAge.Len() != len(l.counts) {
-			t.Fatalf("%s: %d counts, %d in age order; want at most %d, equal", when, len(l.counts), l.byAge.Len(), maxLimiterEntries)
+		if len(l.failures.entries) > maxLimiterEntries || l.failures.byAge.Len() != len(l.failures.entries) {
+			t.Fatalf("%s: %d counts, %d in age order; want at most %d, equal", when, len(l.failures.entries), l.failures.byAge.Len(), maxLimiterEntries)
 		}
 	}
 	// 1,000 counts that will expire, from one address.
@@ -2139,8 +2268,8 @@ func TestLimiterBounded(t *testing.T) {
 	}
 	clock.advance(failureWindow)
 	l.begin("198.51.100.8", "first-new@example.com")
-	if _, kept := l.counts[limiterKey{addr: "198.51.100.7"}]; kept || len(l.counts) != 2 {
-		t.Errorf("expired counts kept: %d counts", len(l.counts))
+	if _, kept := l.failures.entries[limiterKey{addr: "198.51.100.7"}]; kept || len(l.failures.entries) != 2 {
+		t.Errorf("expired counts kept: %d counts", len(l.failures.entries))
 	}
 	// A flood of distinct addresses and emails, twice the bound.
 	for i := range maxLimiterEntries {
@@ -2150,14 +2279,14 @@ func TestLimiterBounded(t *testing.T) {
 		}
 	}
 	check("after the flood")
-	if len(l.counts) != maxLimiterEntries {
-		t.Errorf("%d counts after the flood, want the bound %d", len(l.counts), maxLimiterEntries)
+	if len(l.failures.entries) != maxLimiterEntries {
+		t.Errorf("%d counts after the flood, want the bound %d", len(l.failures.entries), maxLimiterEntries)
 	}
-	if first, _ := limiterKeys("198.51.100.8", "first-new@example.com"); l.counts[first] != nil {
+	if first, _, _ := limiterKeys("198.51.100.8", "first-new@example.com"); l.failures.entries[first] != nil {
 		t.Error("the oldest count was kept over newer ones")
 	}
 	last := maxLimiterEntries - 1
-	if _, newest := limiterKeys(fmt.Sprintf("10.%d.%d.%d", last>>16, last>>8&255, last&255), ""); l.counts[newest] == nil {
+	if _, newest, _ := limiterKeys(fmt.Sprintf("10.%d.%d.%d", last>>16, last>>8&255, last&255), ""); l.failures.entries[newest] == nil {
 		t.Error("the newest count was dropped")
 	}
 }
@@ -2265,7 +2394,7 @@ func TestWaitForCPUServer(t *testing.T) {
 	for _, req := range busy {
 		checkDetail(t, ts.do(t, req), 503, "Server busy")
 	}
-	if n := len(ts.cfg.limiter.counts); n != 0 {
+	if n := len(ts.cfg.limiter.failures.entries); n != 0 {
 		t.Errorf("limiter holds %d counts after 503s, want 0", n)
 	}
 	if _, found := ts.users.lookup("bob@example.com"); found {
@@ -2405,7 +2534,7 @@ func TestLogRequests(t *testing.T) {
 	token := ts.token(t)
 	ts.me(t, token)
 	ts.login(t, testEmail, "a wrong password")
-	ts.do(t, postForm("/login", "username=ann%40example.com&password=form+password"))
+	ts.do(t, postForm("/login", "username=ann%40example.com&password=form+password").from("2001:db8:1:2::3"))
 
 	log := buf.String()
 	u, _ := ts.users.lookup(testEmail)
@@ -2418,7 +2547,7 @@ func TestLogRequests(t *testing.T) {
 	if len(lines) != 5 {
 		t.Errorf("log has %d lines, want one for each of 5 requests:\n%s", len(lines), log)
 	}
-	line := regexp.MustCompile(`method=(GET|POST) path=/\S+ status=(200|201|401) duration=\S+`)
+	line := regexp.MustCompile(`method=(GET|POST) path=/\S+ status=(200|201|401) duration=\S+ client=(192\.0\.2\.1|2001:db8:1:2::/64)$`)
 	for _, l := range lines {
 		if !line.MatchString(l) {
 			t.Errorf("log line %q lacks method, path, status or duration", l)
@@ -2523,7 +2652,7 @@ func TestCheckHostServer(t *testing.T) {
 			t.Errorf("%s for another host carries CORS headers", route)
 		}
 	}
-	if n := len(ts.cfg.limiter.counts); n != 0 {
+	if n := len(ts.cfg.limiter.failures.entries); n != 0 {
 		t.Errorf("limiter holds %d counts after refused hosts, want 0", n)
 	}
 	if _, found := ts.users.lookup("rebound@example.com"); found {
@@ -2691,11 +2820,11 @@ func TestLimitConnections(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if limitConnections(ln, 0) != ln {
+	if limitConnections(ln, 0, 0) != ln {
 		t.Error("a cap of 0 is not \"no cap\"")
 	}
 	srv := &http.Server{Handler: ts.handler}
-	go srv.Serve(limitConnections(ln, 3))
+	go srv.Serve(limitConnections(ln, 3, 0))
 	defer srv.Close()
 	healthz := func(from string) (net.Conn, error) { return openHealthz(from, ln.Addr().String()) }
 	var held []net.Conn
@@ -2728,6 +2857,127 @@ func TestLimitConnections(t *testing.T) {
 	}
 	for _, conn := range held[1:] {
 		conn.Close()
+	}
+}
+
+// fakeListener hands out the connections its test puts in, and then an
+// error.
+type fakeListener struct {
+	net.Listener
+	conns chan net.Conn
+}
+
+func (l fakeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	default:
+		return nil, errors.New("no more connections")
+	}
+}
+
+// fakeConn is a connection from remote that records whether it was closed.
+type fakeConn struct {
+	net.Conn
+	remote net.Addr
+	closed bool
+}
+
+func (c *fakeConn) RemoteAddr() net.Addr { return c.remote }
+func (c *fakeConn) Close() error         { c.closed = true; return nil }
+
+// TestConnLimiter: a connection over its client's cap or over the cap of
+// all is closed at once; an IPv6 /64 is one client; a connection closed
+// gives its place back, once.
+func TestConnLimiter(t *testing.T) {
+	ln := fakeListener{conns: make(chan net.Conn, 1)}
+	limited := limitConnections(ln, 2, 4)
+	var held []net.Conn
+	for _, remote := range []string{"[2001:db8::1]:1", "[2001:db8::2]:1", "[2001:db8::3]:1", "192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"} {
+		c := &fakeConn{remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(remote))}
+		ln.conns <- c
+		got, _ := limited.Accept()
+		if refused := remote == "[2001:db8::3]:1" || remote == "192.0.2.3:1"; (got == nil) != refused || c.closed != refused {
+			t.Errorf("%s: handed out %v, closed %v; want refused %v", remote, got != nil, c.closed, refused)
+		}
+		if got != nil {
+			held = append(held, got)
+		}
+	}
+	l := limited.(*connLimiter)
+	held[0].Close()
+	held[0].Close()
+	if l.openAll != 3 || l.open["2001:db8::/64"] != 1 {
+		t.Errorf("after a close, twice: %d open, %d for the /64; want 3, 1", l.openAll, l.open["2001:db8::/64"])
+	}
+	ln.conns <- &fakeConn{remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort("192.0.2.3:1"))}
+	if got, _ := limited.Accept(); got == nil {
+		t.Error("a place given back was not taken")
+	}
+}
+
+// TestLimitConnectionsAll serves on a real listener with a cap of 2 on all
+// connections: a third, from a third address, is closed at once, and the
+// two open ones are still served.
+func TestLimitConnectionsAll(t *testing.T) {
+	ts := newTestServer(t, serverConfig{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: ts.handler}
+	go srv.Serve(limitConnections(ln, 64, 2))
+	defer srv.Close()
+	var held []net.Conn
+	for _, from := range []string{"127.0.0.1", "127.0.0.2"} {
+		conn, err := openHealthz(from, ln.Addr().String())
+		if err != nil {
+			t.Fatalf("connection from %s: %v", from, err)
+		}
+		defer conn.Close()
+		held = append(held, conn)
+	}
+	if conn, err := openHealthz("127.0.0.3", ln.Addr().String()); err == nil {
+		conn.Close()
+		t.Error("a third connection was served with a cap of 2")
+	}
+	for i, conn := range held {
+		fmt.Fprint(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+		if res, err := http.ReadResponse(bufio.NewReader(conn), nil); err != nil || res.StatusCode != 200 {
+			t.Errorf("open connection %d: %v", i, err)
+		}
+	}
+}
+
+// TestBrowserOrigin: an origin as a browser sends it, the one form
+// -allow-origin takes.
+func TestBrowserOrigin(t *testing.T) {
+	for origin, want := range map[string]string{
+		"http://localhost:5173":   "http://localhost:5173",
+		"http://LocalHost:5173":   "http://localhost:5173",
+		"HTTPS://App.Example":     "https://app.example",
+		"http://localhost:80":     "http://localhost",
+		"https://app.example:443": "https://app.example",
+		"http://app.example:443":  "http://app.example:443",
+		"http://[::1]:5173":       "http://[::1]:5173",
+		"http://[::1]:80":         "http://[::1]",
+	} {
+		if got := browserOrigin(origin); got != want {
+			t.Errorf("browserOrigin(%q) = %q, want %q", origin, got, want)
+		}
+	}
+}
+
+// TestDefaultMaxConnections: the cap on all connections is the limit on
+// open files, less the server's own: the limit Go raised at start, here
+// read with getrlimit(2).
+func TestDefaultMaxConnections(t *testing.T) {
+	var limit syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &limit); err != nil {
+		t.Skip(err)
+	}
+	if got, want := defaultMaxConnections(), int(limit.Cur)-descriptorsKept; got != want {
+		t.Errorf("defaultMaxConnections() = %d, want the limit %d less %d", got, limit.Cur, descriptorsKept)
 	}
 }
 
@@ -2909,6 +3159,12 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 		{"next_id of 2^53", `{"next_id":9007199254740992,"users":[]}`},
 		{"next_id that an int64 only just holds", `{"next_id":9223372036854775807,"users":[]}`},
 		{"next_id beyond an int64", `{"next_id":9223372036854775808,"users":[]}`},
+		{"NEXT_ID in capitals", `{"NEXT_ID":3,"users":[]}`},
+		{"Users", `{"next_id":3,"Users":[]}`},
+		{"EMAIL in capitals", `{"users":[{"id":1,"EMAIL":"ann@example.com","password_hash":"` + hash + `"}]}`},
+		{"password_hash with long s", `{"users":[{"id":1,"email":"ann@example.com","paſſword_haſh":"` + hash + `"}]}`},
+		{"next_id named twice", `{"next_id":3,"next_id":4,"users":[]}`},
+		{"email named twice", `{"users":[{"id":1,"email":"bob@example.com","email":"ann@example.com","password_hash":"` + hash + `"}]}`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -2970,22 +3226,38 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 	})
 }
 
-// TestStoreRefusesCostlyHash: a stored hash above cost 14 stops the server
-// at start with an error naming its user: one comparison would take over a
-// second, and every failed login as long. Cost 14 loads. (The hashes are
-// made by changing a cheap one's cost digits: parsing them costs nothing.)
-func TestStoreRefusesCostlyHash(t *testing.T) {
-	hash, _ := hashPassword(testPassword, bcrypt.MinCost)
-	for cost, refused := range map[int]bool{14: false, 15: true, 31: true} {
-		costly := strings.Replace(hash, fmt.Sprintf("$%02d$", bcrypt.MinCost), fmt.Sprintf("$%02d$", cost), 1)
-		path := filepath.Join(t.TempDir(), "users.json")
-		os.WriteFile(path, storeFileBytes(storeFile{NextID: 3, Users: []User{{ID: 1, Email: testEmail, PasswordHash: hash}, {ID: 2, Email: "bob@example.com", PasswordHash: costly}}}), 0o600)
+// TestStoreChecksHashes: every stored hash is checked whole at start, as
+// bcrypt writes one, and a hash that only looks like one, which would fail
+// every comparison at once and so answer sooner than any other, stops the
+// server with an error naming its user. So does a cost above 14: one
+// comparison would take over a second, and every failed login as long.
+func TestStoreChecksHashes(t *testing.T) {
+	hash := mustHash(t, testPassword, bcrypt.MinCost)
+	tests := []struct {
+		name, hash string
+		ok         bool
+	}{
+		{"$2a$ at cost 4", hash, true},
+		{"$2b$, as passlib writes", "$2b$" + hash[4:], true},
+		{"$2y$, as PHP writes", "$2y$" + hash[4:], true},
+		{"cost 14", withCost(hash, 14), true},
+		{"cost 15", withCost(hash, 15), false},
+		{"cost 31", withCost(hash, 31), false},
+		{"cost 3", withCost(hash, 3), false},
+		{"cost +4", hash[:4] + "+4" + hash[6:], false},
+		{"$2x$", "$2x$" + hash[4:], false},
+		{"$2$", "$2$" + hash[3:], false},
+		{"a character outside bcrypt's alphabet", hash[:40] + "!" + hash[41:], false},
+		{"a salt of +", hash[:7] + strings.Repeat("+", 22) + hash[29:], false},
+		{"one byte short", hash[:59], false},
+		{"one byte more", hash + "a", false},
+		{"empty", "", false},
+	}
+	for _, tt := range tests {
+		path := writeUsers(t, User{ID: 1, Email: testEmail, PasswordHash: hash}, User{ID: 2, Email: "bob@example.com", PasswordHash: tt.hash})
 		_, err := openStore(path, discardLog)
-		if refused && (err == nil || !strings.Contains(err.Error(), "bob@example.com") || !strings.Contains(err.Error(), fmt.Sprint(cost))) {
-			t.Errorf("cost %d: openStore = %v, want an error naming bob@example.com and the cost", cost, err)
-		}
-		if !refused && err != nil {
-			t.Errorf("cost %d: openStore = %v, want it loaded", cost, err)
+		if tt.ok != (err == nil) || err != nil && (!strings.Contains(err.Error(), "user 1 (bob@example.com)") || !strings.Contains(err.Error(), path)) {
+			t.Errorf("%s: openStore = %v; want loaded %v, or an error naming the file and bob", tt.name, err, tt.ok)
 		}
 	}
 }
@@ -3518,11 +3790,11 @@ func TestRunServesAndStops(t *testing.T) {
 }
 
 // TestRunConnectionsFlag: run caps each address's connections at
-// -max-connections-per-address.
+// -max-connections-per-address, and all at -max-connections.
 func TestRunConnectionsFlag(t *testing.T) {
 	t.Parallel() // run makes its dummy hash at DefaultCost
 	ctx, cancel := context.WithCancel(context.Background())
-	args := []string{"-users", filepath.Join(t.TempDir(), "users.json"), "-max-connections-per-address", "1"}
+	args := []string{"-users", filepath.Join(t.TempDir(), "users.json"), "-max-connections-per-address", "1", "-max-connections", "2"}
 	addr, _, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
 	first, err := openHealthz("127.0.0.1", addr)
 	if err != nil {
@@ -3532,7 +3804,16 @@ func TestRunConnectionsFlag(t *testing.T) {
 		second.Close()
 		t.Error("a second connection was served with -max-connections-per-address 1")
 	}
+	other, err := openHealthz("127.0.0.2", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if third, err := openHealthz("127.0.0.3", addr); err == nil {
+		third.Close()
+		t.Error("a third connection was served with -max-connections 2")
+	}
 	first.Close()
+	other.Close()
 	cancel()
 	waitRun(t, done)
 }
@@ -3629,6 +3910,8 @@ func TestRunHelp(t *testing.T) {
 		`-max-failures-per-account int`, `(default 5)`,
 		`-max-failures-per-address int`, `(default 100)`,
 		`-max-connections-per-address int`, `(default 64)`,
+		`-max-failures-per-email int`, `(default 100)`,
+		`-max-connections int`, fmt.Sprintf("(default %d)", defaultMaxConnections()),
 		`-allow-origin value`, `-allow-host value`,
 	} {
 		if !strings.Contains(out.String(), want) {
@@ -3716,6 +3999,12 @@ func TestRunRefusesToStart(t *testing.T) {
 		{"an origin with a path", []string{"-allow-origin", "http://localhost:5173/"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-origin", "path"}},
 		{"an origin without a scheme", []string{"-allow-origin", "localhost:5173"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-origin"}},
 		{"a host with a port", []string{"-allow-host", "myhost.local:8080"}, map[string]string{"JWT_SECRET": testSecret}, []string{"allow-host", "port"}},
+		{"an origin in capitals", []string{"-allow-origin", "http://LocalHost:5173"}, nil, []string{"LocalHost", "as http://localhost:5173"}},
+		{"a scheme in capitals", []string{"-allow-origin", "HTTP://localhost:5173"}, nil, []string{"as http://localhost:5173"}},
+		{"http's default port", []string{"-allow-origin", "http://localhost:80"}, nil, []string{"localhost:80", "as http://localhost:"}},
+		{"https's default port", []string{"-allow-origin", "https://app.example:443"}, nil, []string{"as https://app.example:"}},
+		{"negative email limit", []string{"-max-failures-per-email", "-1"}, nil, []string{"max-failures-per-email"}},
+		{"negative connections", []string{"-max-connections", "-1"}, nil, []string{"max-connections"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -4079,4 +4368,30 @@ func BenchmarkUsersMeDuringRegistrations(b *testing.B) {
 	close(stop)
 	writes.Wait()
 	b.ReportMetric(float64(worst.Nanoseconds()), "worst-ns")
+}
+
+// hostileBody is a login of 64 KiB whose unknown member holds nothing but
+// small objects: each costs a JSON reader that builds maps an allocation
+// many times its size.
+func hostileBody() string {
+	return `{"email":"ann@example.com","password":"x","pad":[` + strings.Repeat(`{"":0},`, 9350) + `{"":0}]}`
+}
+
+// BenchmarkHostileBody times a login whose body is hostileBody through the
+// whole handler chain, and reports the bytes allocated for each byte of
+// the body: reading costs a small multiple of what the body costs.
+func BenchmarkHostileBody(b *testing.B) {
+	ts := newTestServer(b, serverConfig{maxPerAccount: noLimit, maxPerAddress: noLimit, maxPerEmail: noLimit})
+	body := hostileBody()
+	var stats runtime.MemStats
+	runtime.ReadMemStats(&stats)
+	before := stats.TotalAlloc
+	b.ReportAllocs()
+	for b.Loop() {
+		if w := ts.do(b, postJSON("/login", body)); w.Code != 401 {
+			b.Fatalf("status %d", w.Code)
+		}
+	}
+	runtime.ReadMemStats(&stats)
+	b.ReportMetric(float64(stats.TotalAlloc-before)/float64(b.N)/float64(len(body)), "alloc/body-byte")
 }

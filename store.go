@@ -17,6 +17,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json/jsontext"
 	"encoding/json/v2"
 	"errors"
 	"fmt"
@@ -25,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -189,7 +191,16 @@ func decodeStoreFile(data []byte, f *storeFile) error {
 	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
 		return errors.New("not a JSON object")
 	}
-	if err := json.Unmarshal(data, f, json.RejectUnknownMembers(true)); err != nil {
+	err := json.Unmarshal(data, f, json.RejectUnknownMembers(true))
+	var syntax *jsontext.SyntacticError
+	var semantic *json.SemanticError
+	switch {
+	case errors.Is(err, jsontext.ErrDuplicateName) && errors.As(err, &syntax):
+		return fmt.Errorf("%s names %q twice", filePart(syntax.JSONPointer.Parent()), syntax.JSONPointer.LastToken())
+	case errors.Is(err, json.ErrUnknownName) && errors.As(err, &semantic):
+		return fmt.Errorf("%s has a member %q, which is none the server knows (names are matched exactly)",
+			filePart(semantic.JSONPointer.Parent()), semantic.JSONPointer.LastToken())
+	case err != nil:
 		return fmt.Errorf("decode JSON: %w", err)
 	}
 	ids := make(map[int64]bool, len(f.Users))
@@ -206,13 +217,8 @@ func decodeStoreFile(data []byte, f *storeFile) error {
 		case emails[u.Email]:
 			return fmt.Errorf("user %d: duplicate email %q", i, u.Email)
 		}
-		cost, err := bcrypt.Cost([]byte(u.PasswordHash))
-		if err != nil {
-			return fmt.Errorf("user %d (%s): password_hash is not a bcrypt hash: %w", i, u.Email, err)
-		}
-		if cost > maxStoredCost {
-			// Every failed login takes as long as the costliest comparison.
-			return fmt.Errorf("user %d (%s): bcrypt cost %d is above %d: one comparison would take over a second, and so would every failed login", i, u.Email, cost, maxStoredCost)
+		if err := checkHash(u.PasswordHash); err != nil {
+			return fmt.Errorf("user %d (%s): password_hash %w", i, u.Email, err)
 		}
 		ids[u.ID], emails[u.Email] = true, true
 		maxID = max(maxID, u.ID)
@@ -225,6 +231,39 @@ func decodeStoreFile(data []byte, f *storeFile) error {
 		return fmt.Errorf("next_id %d is not above the largest id %d", f.NextID, maxID)
 	case f.NextID >= idLimit:
 		return fmt.Errorf("next_id %d is not below 2^53", f.NextID)
+	}
+	return nil
+}
+
+// filePart names the part of the users file at p: "user 3" for the fourth
+// user, "the file" for the whole.
+func filePart(p jsontext.Pointer) string {
+	if user, ok := strings.CutPrefix(string(p), "/users/"); ok {
+		return "user " + user
+	}
+	if p == "" {
+		return "the file"
+	}
+	return string(p)
+}
+
+// bcryptAlphabet is the base64 alphabet of bcrypt's hashes.
+const bcryptAlphabet = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// checkHash checks a stored hash whole, as bcrypt writes one: 60 bytes,
+// "$2a$", "$2b$" or "$2y$", two digits of cost, "$", then 53 characters of
+// bcrypt's alphabet (the salt and the hash). A hash that only looks like
+// one fails every comparison at once, and so would answer a wrong password
+// sooner than any other, telling that its email exists. The cost is 4 at
+// least, as bcrypt's, and 14 at most: every failed login costs as much as
+// the costliest comparison, and at 15 one takes over a second.
+func checkHash(hash string) error {
+	if len(hash) != 60 || !slices.Contains([]string{"$2a$", "$2b$", "$2y$"}, hash[:4]) || hash[6] != '$' ||
+		strings.Trim(hash[4:6], "0123456789") != "" || strings.Trim(hash[7:], bcryptAlphabet) != "" {
+		return errors.New(`is not a bcrypt hash: 60 bytes, "$2a$", "$2b$" or "$2y$", two digits of cost, "$", and 53 of ./A-Za-z0-9`)
+	}
+	if cost, _ := strconv.Atoi(hash[4:6]); cost < bcrypt.MinCost || cost > maxStoredCost {
+		return fmt.Errorf("has a bcrypt cost of %d, outside %d to %d (bcrypt takes none lower; at 15 one comparison takes over a second, and so would every failed login)", cost, bcrypt.MinCost, maxStoredCost)
 	}
 	return nil
 }
