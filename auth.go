@@ -2,7 +2,7 @@
 // hashPassword, verifyPassword, and authenticateUser, which looks the user
 // up and checks the password; then the rules a new password and email must
 // follow. Then the defenses' machinery, which main.go's wrappers put around
-// the routes: cpuSlots, which keeps bcrypt from overloading the CPUs;
+// the routes: slots, which keep bcrypt from overloading the CPUs;
 // compareAgain, which makes every failed login cost the costliest
 // comparison; and loginLimiter, which stops password guessing.
 
@@ -143,44 +143,50 @@ func compareAgain(password, hash string, costliest int) {
 	}
 }
 
-// errServerBusy refuses a request that found no CPU free to run bcrypt in
-// time, or whose client gave up waiting.
-var errServerBusy = errors.New("server busy: no CPU free for bcrypt")
+// errServerBusy refuses a request that found no slot free in time, or
+// whose client gave up waiting.
+var errServerBusy = errors.New("server busy: no slot free in time")
 
-// maxBcryptWait is how long a request waits for a CPU before it is refused.
-const maxBcryptWait = 2 * time.Second
+// maxSlotWait is how long a request waits for a slot before it is refused.
+const maxSlotWait = 2 * time.Second
 
-// cpuSlots lets as many bcrypt runs at once as there are CPUs: a run keeps
-// a CPU busy throughout, so more at once would slow all down together until
-// all time out. The others wait their turn, first come first served (a
-// channel's free slot goes to the sender that has waited longest), and are
-// refused after maxWait: the CPUs keep doing as many logins as they can.
-type cpuSlots struct {
-	slots   chan struct{} // one value for each bcrypt run under way
+// slots lets so many requests run at once, as many as it has slots; the
+// others wait their turn, first come first served (a channel's free slot
+// goes to the sender that has waited longest), and are refused after
+// maxWait, so that each hears how it ended in time.
+type slots struct {
+	held    chan struct{} // one value for each request running
 	maxWait time.Duration
 }
 
 // newCPUSlots returns one slot for each CPU the Go scheduler uses
-// (GOMAXPROCS), and a wait of maxBcryptWait.
-func newCPUSlots() *cpuSlots {
-	return &cpuSlots{slots: make(chan struct{}, runtime.GOMAXPROCS(0)), maxWait: maxBcryptWait}
+// (GOMAXPROCS), for bcrypt runs: a run keeps a CPU busy throughout, so more
+// at once would slow all down together until all time out.
+func newCPUSlots() *slots {
+	return &slots{held: make(chan struct{}, runtime.GOMAXPROCS(0)), maxWait: maxSlotWait}
+}
+
+// newChangeSlots returns one slot, for changes to the users file: they take
+// turns at the file anyway.
+func newChangeSlots() *slots {
+	return &slots{held: make(chan struct{}, 1), maxWait: maxSlotWait}
 }
 
 // acquire takes a slot, waiting for at most maxWait; if none comes free in
 // time, or ctx ends first, it returns errServerBusy. Each acquire that
 // succeeds must be followed by a release.
-func (c *cpuSlots) acquire(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, c.maxWait)
+func (s *slots) acquire(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.maxWait)
 	defer cancel()
 	select {
-	case c.slots <- struct{}{}:
+	case s.held <- struct{}{}:
 		return nil
 	case <-ctx.Done():
 		return errServerBusy
 	}
 }
 
-func (c *cpuSlots) release() { <-c.slots }
+func (s *slots) release() { <-s.held }
 
 // Throttling of failed logins.
 const (

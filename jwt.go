@@ -1,8 +1,9 @@
 // jwt.go holds the access token: an HS256 JSON Web Token (RFC 7519) that
-// signs the user's email, and the session it belongs to, for 30 minutes. It is built from crypto/hmac,
-// crypto/sha256 and encoding/base64 rather than a library, so that every
-// check a verifier must make is in plain sight. It knows nothing of users:
-// the caller decides whether the token's subject still exists.
+// signs the user's email, and the session it belongs to, for 30 minutes.
+// It is built from crypto/hmac, crypto/sha256 and encoding/base64 rather
+// than a library, so that every check a verifier must make is in plain
+// sight. It knows nothing of users: the caller decides whether the token's
+// subject still exists and its session is still the user's.
 //
 // A token is three base64url segments joined by dots: a header saying how
 // it is signed, the claims, and the HMAC-SHA256 of the first two segments.

@@ -70,7 +70,8 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		if err := http.NewCrossOriginProtection().AddTrustedOrigin(origin); err != nil {
 			return err // not scheme://host[:port]
 		}
-		// Else it would never match the Origin header, and fail with no word.
+		// An origin in another spelling would never match an Origin header,
+		// and its pages would be refused without a word.
 		if sent := browserOrigin(origin); sent != origin {
 			return fmt.Errorf("a browser sends this origin as %s: give it so", sent)
 		}
@@ -92,6 +93,10 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	}
 	if min(*maxPerAccount, *maxPerAddress, *maxPerEmail, *maxConns, *maxAllConns) < 0 {
 		return errors.New("-max-failures-per-account, -max-failures-per-address, -max-failures-per-email, -max-connections-per-address and -max-connections must be 0 (no limit) or more")
+	}
+	if limit, known := openFilesLimit(); known && *maxAllConns > limit-descriptorsKept {
+		return fmt.Errorf("-max-connections must be at most %d: the limit on open files, %d, less %d the server keeps for itself",
+			limit-descriptorsKept, limit, descriptorsKept)
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 
@@ -134,6 +139,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		dummyHash: dummyHash,
 		limiter:   newLoginLimiter(*maxPerAccount, *maxPerAddress, *maxPerEmail, time.Now),
 		cpus:      newCPUSlots(),
+		changes:   newChangeSlots(),
 		costliest: max(bcrypt.DefaultCost, users.costliestCost()),
 		web:       web,
 	}
@@ -151,7 +157,8 @@ type config struct {
 
 	// The defenses' state.
 	limiter   *loginLimiter // counts failed logins
-	cpus      *cpuSlots     // one bcrypt run per CPU
+	cpus      *slots        // one bcrypt run per CPU
+	changes   *slots        // one change of the users file at a time
 	costliest int           // the highest bcrypt cost, stored or new, at start
 	web       webConfig     // other origins and host names trusted
 }
@@ -164,6 +171,7 @@ func newServer(logger *slog.Logger, users *store, cfg config) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /register", with(handleRegister(logger, users, cfg.hashCost),
 		refuseCrossSite(cfg.web),
+		oneChangeAtATime(cfg.changes),
 		waitForCPU(cfg.cpus),
 	))
 	mux.Handle("POST /login", with(handleLogin(users, cfg.dummyHash, cfg.secret, cfg.now),
@@ -184,12 +192,14 @@ func newServer(logger *slog.Logger, users *store, cfg config) http.Handler {
 		refuseCrossSite(cfg.web),
 		requireUser(users, cfg.secret, cfg.now),
 		throttleConfirmations(cfg.limiter),
+		oneChangeAtATime(cfg.changes),
 		waitForCPU(cfg.cpus),
 	))
 	mux.Handle("DELETE /users/me", with(handleDeleteAccount(logger, users),
 		refuseCrossSite(cfg.web),
 		requireUser(users, cfg.secret, cfg.now),
 		throttleConfirmations(cfg.limiter),
+		oneChangeAtATime(cfg.changes),
 		waitForCPU(cfg.cpus),
 	))
 	mux.Handle("GET /healthz", handleHealthz())
@@ -198,7 +208,7 @@ func newServer(logger *slog.Logger, users *store, cfg config) http.Handler {
 
 	return with(mux,
 		logRequests(logger),
-		commonHeaders,
+		commonHeaders(cfg.web),
 		checkHost(cfg.web),
 		allowOrigins(cfg.web),
 		routingErrorsInJSON,
@@ -341,14 +351,15 @@ func handleChangePassword(logger *slog.Logger, users *store, hashCost int, secre
 			writeError(w, http.StatusUnprocessableEntity, "new_password must differ from current_password")
 			return
 		}
-		// Not 401: the token is valid, and a 401 would send the client to log in.
+		// The token is valid, so the answer is a 400: a 401 would send the
+		// client to log in again.
 		if !verifyPassword(*body.CurrentPassword, u.PasswordHash) {
 			writeError(w, http.StatusBadRequest, "Incorrect password")
 			return
 		}
 		hash, err := hashPassword(*body.NewPassword, hashCost)
 		if err == nil {
-			u, err = users.setPassword(r.Context(), u.ID, hash)
+			u, err = users.setPassword(r.Context(), u.ID, u.Session, hash)
 		}
 		if err != nil {
 			writeStoreError(w, logger, err)
@@ -375,7 +386,7 @@ func handleDeleteAccount(logger *slog.Logger, users *store) http.Handler {
 			writeError(w, http.StatusBadRequest, "Incorrect password")
 			return
 		}
-		if err := users.remove(r.Context(), u.ID); err != nil {
+		if err := users.remove(r.Context(), u.ID, u.Session); err != nil {
 			writeStoreError(w, logger, err)
 			return
 		}
@@ -751,14 +762,15 @@ func writeBusy(w http.ResponseWriter) {
 }
 
 // writeStoreError answers an error from the store: a 409 for an email
-// already registered, a 401 for a user deleted meanwhile, a 503 for a write
+// already registered, a 401 for a user deleted or a session ended
+// meanwhile, a 503 for a write
 // that did not get its turn, and otherwise a 500, whose reason the log
 // says and the client must not hear.
 func writeStoreError(w http.ResponseWriter, logger *slog.Logger, err error) {
 	switch {
 	case errors.Is(err, errEmailTaken):
 		writeError(w, http.StatusConflict, "Email already registered")
-	case errors.Is(err, errNoUser):
+	case errors.Is(err, errNoUser), errors.Is(err, errSessionEnded):
 		writeInvalidToken(w)
 	case errors.Is(err, errStoreBusy):
 		writeBusy(w)
@@ -875,16 +887,23 @@ func (w *routingErrorWriter) Write(p []byte) (int, error) {
 // The defenses begin here: each is a wrapper that newServer puts around
 // routes by name, or a limit on the server and its listener.
 
-// commonHeaders sets the headers every response carries, the mux's own 404
-// and 405 included. Browsers must take a response for what its
-// Content-Type says (nosniff), and no page of another site may frame one
-// (clickjacking).
-func commonHeaders(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("X-Content-Type-Options", "nosniff")
-		w.Header().Set("X-Frame-Options", "DENY")
-		next.ServeHTTP(w, r)
-	})
+// commonHeaders returns a wrapper that sets the headers every response
+// carries, the mux's own 404 and 405 and the host check's 400 included.
+// Browsers must take a response for what its Content-Type says (nosniff),
+// and no page of another site may frame one (clickjacking). With origins
+// allowed, answers differ by Origin, and caches must not give one origin's
+// answer to another (Vary).
+func commonHeaders(web webConfig) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Content-Type-Options", "nosniff")
+			w.Header().Set("X-Frame-Options", "DENY")
+			if len(web.allowOrigins) > 0 {
+				w.Header().Add("Vary", "Origin")
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
 }
 
 // webConfig says which pages of other origins, and which host names, the
@@ -934,7 +953,6 @@ func allowOrigins(web webConfig) func(http.Handler) http.Handler {
 			return next
 		}
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Add("Vary", "Origin") // caches must not give one origin's answer to another
 			origin := r.Header.Get("Origin")
 			if !slices.Contains(web.allowOrigins, origin) {
 				next.ServeHTTP(w, r)
@@ -1136,20 +1154,35 @@ func bufferBody(r *http.Request) *bufferedBody {
 
 // waitForCPU returns a wrapper that runs next, whose work is bcrypt, in one
 // of cpus's slots: at most one bcrypt run per CPU at once, the others
-// waiting their turn, first come first served. A request that waits
-// cpus.maxWait in vain, or whose client leaves, is answered 503 at once.
-// So a flood of logins is answered at the rate the CPUs can check
-// passwords, instead of slowing every request down until all time out.
-// The body is read before the wait: a slow client never holds a slot.
-func waitForCPU(cpus *cpuSlots) func(http.Handler) http.Handler {
+// waiting their turn. So a flood of logins is answered at the rate the CPUs
+// can check passwords, instead of slowing every request down until all
+// time out.
+func waitForCPU(cpus *slots) func(http.Handler) http.Handler {
+	return waitForSlot(cpus)
+}
+
+// oneChangeAtATime returns a wrapper that runs next, a route that changes
+// the users file, in changes's one slot, before it waits for a CPU.
+// Changes take turns at the file anyway; one waiting there for its turn
+// while holding a CPU slot would keep logins from that CPU, so that a
+// flood of registrations would stall logins.
+func oneChangeAtATime(changes *slots) func(http.Handler) http.Handler {
+	return waitForSlot(changes)
+}
+
+// waitForSlot returns a wrapper that runs next in one of s's slots. A
+// request that waits s.maxWait in vain, or whose client leaves, is
+// answered 503 at once. The body is read before the wait: a client slow to
+// send it never holds a slot.
+func waitForSlot(s *slots) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			bufferBody(r)
-			if err := cpus.acquire(r.Context()); err != nil {
+			if err := s.acquire(r.Context()); err != nil {
 				writeBusy(w)
 				return
 			}
-			defer cpus.release()
+			defer s.release()
 			next.ServeHTTP(w, r)
 		})
 	}
@@ -1297,25 +1330,27 @@ const descriptorsKept = 32
 // defaultMaxConnections returns the cap on all open connections: the
 // process's limit on open files, less descriptorsKept.
 func defaultMaxConnections() int {
-	return max(1, openFilesLimit()-descriptorsKept)
+	limit, _ := openFilesLimit()
+	return max(1, limit-descriptorsKept)
 }
 
 // openFilesLimit returns the process's limit on open files (RLIMIT_NOFILE,
 // which Go raises to the hard limit at start), as Linux reports it in
-// /proc/self/limits, or 1024 where that cannot be read. (Reading the file,
-// rather than calling syscall.Getrlimit, keeps the program building on
-// every system, Windows included.)
-func openFilesLimit() int {
+// /proc/self/limits, and true; or 1024, a common limit, and false where
+// that cannot be read. (Reading the file, rather than calling
+// syscall.Getrlimit, keeps the program building on every system, Windows
+// included.)
+func openFilesLimit() (int, bool) {
 	limits, _ := os.ReadFile("/proc/self/limits")
 	for line := range strings.Lines(string(limits)) {
 		// Max open files            20000                20000                files
 		if fields := strings.Fields(line); strings.HasPrefix(line, "Max open files") && len(fields) == 6 {
 			if n, err := strconv.Atoi(fields[3]); err == nil {
-				return n
+				return n, true
 			}
 		}
 	}
-	return 1024
+	return 1024, false
 }
 
 // browserOrigin returns origin as a browser sends it in an Origin header:

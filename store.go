@@ -42,7 +42,8 @@ type User struct {
 	PasswordHash string `json:"password_hash"`
 	// Session is what the user's tokens carry: a new one, made when the
 	// user registers, logs out or changes the password, ends every token
-	// made before. Empty for a user of a file written before sessions were.
+	// made before. A users file may hold users without one: their session
+	// is empty until their first logout or new password.
 	Session string `json:"session"`
 }
 
@@ -68,6 +69,10 @@ var errEmailTaken = errors.New("email already registered")
 // errNoUser is returned by a change to a user who is not registered, or no
 // longer.
 var errNoUser = errors.New("no such user")
+
+// errSessionEnded is returned by a change made for a session that has
+// ended meanwhile: by a logout, or by another change of the password.
+var errSessionEnded = errors.New("the session has ended")
 
 // storeFile is the layout of the users file. NextID is kept so that ids
 // never repeat, even if a user is removed from the file by hand.
@@ -133,7 +138,8 @@ func openStore(path string, logger *slog.Logger) (*store, error) {
 	}
 	f, err := os.Open(file)
 	if errors.Is(err, os.ErrNotExist) {
-		// Said now rather than at the first registration's 500.
+		// The missing folder is an error now, at start, rather than the
+		// first registration's 500.
 		if info, err := os.Stat(filepath.Dir(file)); err != nil || !info.IsDir() {
 			return nil, fmt.Errorf("users file %s cannot be created: its folder does not exist", path)
 		}
@@ -344,9 +350,14 @@ func (s *store) setHash(ctx context.Context, id int64, oldHash, newHash string) 
 }
 
 // setPassword replaces the password hash of the user whose id this is and
-// gives the user a new session: every token issued before is refused.
-func (s *store) setPassword(ctx context.Context, id int64, passwordHash string) (User, error) {
+// gives the user a new session: every token issued before is refused. It
+// does so only if the user's session is still session, the one whose
+// token asked: of two changes made with one token, the second fails.
+func (s *store) setPassword(ctx context.Context, id int64, session, passwordHash string) (User, error) {
 	return s.update(ctx, id, func(u *User) error {
+		if u.Session != session {
+			return errSessionEnded
+		}
 		u.PasswordHash, u.Session = passwordHash, newSession()
 		return nil
 	})
@@ -362,16 +373,20 @@ func (s *store) endSessions(ctx context.Context, id int64) error {
 	return err
 }
 
-// remove removes the user whose id this is, as save writes it. next_id
+// remove removes the user whose id this is, as save writes it, if the
+// user's session is still session, the one whose token asked. next_id
 // stays, so the id is never given again.
-func (s *store) remove(ctx context.Context, id int64) error {
+func (s *store) remove(ctx context.Context, id int64, session string) error {
 	if err := s.lockWrites(ctx); err != nil {
 		return err
 	}
 	defer s.unlockWrites()
 	i := slices.IndexFunc(s.users, func(u User) bool { return u.ID == id })
-	if i < 0 {
+	switch {
+	case i < 0:
 		return errNoUser
+	case s.users[i].Session != session:
+		return errSessionEnded
 	}
 	gone := s.users[i].Email
 	users := slices.Delete(slices.Clone(s.users), i, i+1)
