@@ -127,20 +127,23 @@ func hashCost(hash string) int {
 
 // compareAgain compares password with hash, whose comparison has just
 // failed, as many more times as make the work of one comparison at cost
-// costliest. So a failed login costs the same time, and the same time in
-// its CPU slot, whatever the cost of the hash it was checked against, and
-// tells nobody whether its email exists.
-//
-// A comparison at cost c is 2^c rounds of bcrypt's key schedule and about
-// one round more to begin, so (2^costliest + 1) / (2^c + 1) comparisons,
-// rounded, make one at costliest: 4 at two steps cheaper, 241 at cost 4
-// for 12 (256 would take 6% longer).
+// costliest (comparisons says how many in all). So a failed login costs
+// the same time, and the same time in its CPU slot, whatever the cost of
+// the hash it was checked against, and tells nobody whether its email
+// exists.
 func compareAgain(password, hash string, costliest int) {
-	cost := hashCost(hash)
-	comparisons := (1<<costliest + 1 + (1<<cost+1)/2) / (1<<cost + 1)
-	for range comparisons - 1 {
+	for range comparisons(hashCost(hash), costliest) - 1 {
 		verifyPassword(password, hash)
 	}
+}
+
+// comparisons returns how many comparisons at cost make the work of one at
+// costliest. A comparison at cost c is 2^c rounds of bcrypt's key schedule
+// and about one round more to begin, so (2^costliest + 1) / (2^c + 1),
+// rounded: 4 at two steps cheaper, 241 at cost 4 for 12 (256 would take 6%
+// longer).
+func comparisons(cost, costliest int) int {
+	return (1<<costliest + 1 + (1<<cost+1)/2) / (1<<cost + 1)
 }
 
 // errServerBusy refuses a request that found no slot free in time, or

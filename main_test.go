@@ -27,6 +27,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/json/jsontext"
 	"errors"
 	"fmt"
 	"go/ast"
@@ -1315,6 +1316,45 @@ func TestReadCredentials(t *testing.T) {
 	}
 }
 
+// TestReadAll: a body of declared size is read into an allocation of its
+// size, once, and one that declares none, or another size, is read whole.
+func TestReadAll(t *testing.T) {
+	data := bytes.Repeat([]byte("b"), 64<<10)
+	allocated := func(read func()) uint64 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for range 10 {
+			read()
+		}
+		runtime.ReadMemStats(&after)
+		return (after.TotalAlloc - before.TotalAlloc) / 10
+	}
+	sized := allocated(func() { readAll(bytes.NewReader(data), int64(len(data))) })
+	doubling := allocated(func() { io.ReadAll(bytes.NewReader(data)) })
+	if sized > doubling*2/3 {
+		t.Errorf("reading 64 KiB of declared size allocated %d bytes, io.ReadAll %d; want its size once, well below", sized, doubling)
+	}
+	for _, declared := range []int64{-1, 0, 10, 1 << 20} {
+		if got, err := readAll(bytes.NewReader(data), declared); err != nil || !bytes.Equal(got, data) {
+			t.Errorf("declared %d: read %d bytes, %v; want all", declared, len(got), err)
+		}
+	}
+}
+
+// TestThrottleWholeBody: a login of exactly 64 KiB, the largest body there
+// is, is counted like any other: the throttle reads all of it.
+func TestThrottleWholeBody(t *testing.T) {
+	checked := 0
+	h, _, _ := throttled(5, 100, 100, &checked)
+	head := `{"email":"ann@example.com","password":"a wrong guess","pad":"`
+	body := head + strings.Repeat("x", 64<<10-len(head)-2) + `"}`
+	for range 5 {
+		send(h, postJSON("/login", body))
+	}
+	w, _ := send(h, postJSON("/login", body))
+	checkThrottled(t, w, "900")
+}
+
 // TestReadBody: the 64 KiB limit holds when only reading the body finds its
 // size (chunked encoding), and when the object is small but followed by
 // more than 64 KiB.
@@ -1417,6 +1457,7 @@ func TestNormalizeEmail(t *testing.T) {
 		"\u212aate@example.com":   "\u212aate@example.com",
 		"\u00a0ann@example.com":   "\u00a0ann@example.com",
 		"ÀNN@example.com":         "Ànn@example.com",
+		"AZ@[`{.example":          "az@[`{.example", // A and Z lowered, @ [ ` { kept
 		"a+B&c@Xn--Bcher-Kva.Com": "a+b&c@xn--bcher-kva.com",
 	} {
 		if got := normalizeEmail(in); got != want {
@@ -1438,6 +1479,7 @@ func TestValidateEmail(t *testing.T) {
 		{testEmail, nil},
 		{long, nil}, // 254 bytes
 		{"a+b&c@example.com", nil},
+		{"!#$%&'*+-/=?^_`{|}~@example.com", nil}, // the printable ASCII ends, ! and ~
 		{"ann@xn--bcher-kva.example", nil},
 		{"x" + long, []string{"254"}},
 		{"ann.example.com", []string{"plain address"}},
@@ -2291,6 +2333,10 @@ func TestThrottleOff(t *testing.T) {
 		if got := w.Code == 429; got != tt.wantThrottled {
 			t.Errorf("%s: throttled after %d failures = %v, want %v", tt.name, tt.failures, got, tt.wantThrottled)
 		}
+		send(h, guess(testClient, "user1@example.com", true))
+		if tt.perEmail == 0 && len(l.trusted.entries) != 0 {
+			t.Errorf("%s: %d clients trusted with no limit per email", tt.name, len(l.trusted.entries))
+		}
 		if tt.perAccount+tt.perAddress+tt.perEmail == 0 && len(l.failures.entries) != 0 {
 			t.Errorf("limiter holds %d counts with every limit off", len(l.failures.entries))
 		}
@@ -2525,6 +2571,16 @@ func TestCompareAgain(t *testing.T) {
 	}
 }
 
+// TestComparisons: how many comparisons at a cost make one at the
+// costliest, with bcrypt's round to begin counted.
+func TestComparisons(t *testing.T) {
+	for _, tt := range []struct{ cost, costliest, want int }{{12, 12, 1}, {10, 12, 4}, {8, 12, 16}, {6, 12, 63}, {4, 12, 241}, {4, 6, 4}} {
+		if got := comparisons(tt.cost, tt.costliest); got != tt.want {
+			t.Errorf("comparisons(%d, %d) = %d, want %d", tt.cost, tt.costliest, got, tt.want)
+		}
+	}
+}
+
 // TestEqualFailureTime: a login answered 401 is padded with compareAgain,
 // against the hash it was compared with (the user's, or for an unknown
 // email the dummy); a success, a refused body or another answer is not.
@@ -2601,6 +2657,9 @@ func TestRehashCheapHashes(t *testing.T) {
 		t.Error("a hash at or above the server's cost was hashed again")
 	}
 
+	if log.String() != "" {
+		t.Errorf("rehashes that were written logged:\n%s", log.String())
+	}
 	os.Chtimes(path, time.Now(), time.Now().Add(time.Second)) // a hand edit: nothing may be written now
 	if w, _ := send(h, guess(testClient, "cheap2@example.com", true)); w.Code != 200 {
 		t.Errorf("a login whose rehash failed: %d, want 200", w.Code)
@@ -2941,6 +3000,9 @@ func (c *fakeConn) Close() error         { c.closed = true; return nil }
 // gives its place back, once.
 func TestConnLimiter(t *testing.T) {
 	ln := fakeListener{conns: make(chan net.Conn, 1)}
+	if limitConnections(ln, 0, 0) != net.Listener(ln) || limitConnections(ln, 2, 0) == net.Listener(ln) || limitConnections(ln, 0, 4) == net.Listener(ln) {
+		t.Error("the listener is left as it is only with both caps off")
+	}
 	limited := limitConnections(ln, 2, 4)
 	var held []net.Conn
 	for _, remote := range []string{"[2001:db8::1]:1", "[2001:db8::2]:1", "[2001:db8::3]:1", "192.0.2.1:1", "192.0.2.2:1",
@@ -3246,6 +3308,31 @@ func TestStoreRefusesInvalidFile(t *testing.T) {
 			t.Errorf("lookup(bob) = %+v, %v", u, ok)
 		}
 	})
+}
+
+// TestStoreRelativePath: a users file named without a folder, as the
+// default users.json is, is written in the working folder.
+func TestStoreRelativePath(t *testing.T) {
+	t.Chdir(t.TempDir())
+	s, err := openStore("users.json", discardLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.add(context.Background(), testEmail, mustHash(t, testPassword, bcrypt.MinCost)); err != nil {
+		t.Fatal(err)
+	}
+	if f := readStoreFile(t, "users.json"); len(f.Users) != 1 {
+		t.Errorf("users.json = %+v, want the user", f)
+	}
+}
+
+// TestFilePart: the users file's refusals name the part at fault.
+func TestFilePart(t *testing.T) {
+	for p, want := range map[jsontext.Pointer]string{"": "the file", "/users/3": "user 3", "/x": "/x"} {
+		if got := filePart(p); got != want {
+			t.Errorf("filePart(%q) = %q, want %q", p, got, want)
+		}
+	}
 }
 
 // TestStoreChecksHashes: every stored hash is checked whole at start, as
@@ -3758,6 +3845,9 @@ func TestLoadSecret(t *testing.T) {
 	if _, err := loadSecret(envOf(map[string]string{"JWT_SECRET": testSecret[:31]}), discardLog); err == nil {
 		t.Error("loadSecret(31 bytes) succeeded, want an error")
 	}
+	if _, err := loadSecret(envOf(map[string]string{"JWT_SECRET": testSecret[:32]}), discardLog); err != nil {
+		t.Errorf("loadSecret(32 bytes) = %v, want it taken", err)
+	}
 	first, _ := loadSecret(envOf(nil), discardLog)
 	second, _ := loadSecret(envOf(nil), discardLog)
 	if len(first) != 32 || bytes.Equal(first, make([]byte, 32)) || string(first) == string(second) {
@@ -3784,7 +3874,8 @@ func TestServeFinishesRequestsInFlight(t *testing.T) {
 	url := "http://" + ln.Addr().String() + "/"
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- serve(ctx, srv, ln, discardLog) }()
+	var log syncBuffer
+	go func() { served <- serve(ctx, srv, ln, slog.New(slog.NewTextHandler(&log, nil))) }()
 
 	answered := make(chan error, 1)
 	go func() {
@@ -3811,13 +3902,17 @@ func TestServeFinishesRequestsInFlight(t *testing.T) {
 	if err := <-served; err != nil {
 		t.Errorf("serve = %v, want nil", err)
 	}
+	if strings.Contains(log.String(), "cut off") || !strings.Contains(log.String(), "msg=stopped") {
+		t.Errorf("serve's log, for requests that finished in time:\n%s", log.String())
+	}
 }
 
 func TestRunServesAndStops(t *testing.T) {
 	t.Parallel() // run makes its dummy hash at DefaultCost
 	users := filepath.Join(t.TempDir(), "users.json")
 	ctx, cancel := context.WithCancel(context.Background())
-	addr, out, done := startRun(t, ctx, []string{"-users", users}, map[string]string{"JWT_SECRET": testSecret})
+	args := []string{"-users", users, "-max-failures-per-email", "0", "-max-connections", fmt.Sprint(defaultMaxConnections())}
+	addr, out, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
 
 	res, err := http.Get("http://" + addr + "/healthz")
 	if err != nil {
@@ -4093,7 +4188,7 @@ func TestRunRefusesToStart(t *testing.T) {
 			[]string{"as https://app.example:"}},
 		{"negative email limit", []string{"-max-failures-per-email", "-1"}, nil, []string{"max-failures-per-email"}},
 		{"negative connections", []string{"-max-connections", "-1"}, nil, []string{"max-connections"}},
-		{"connections above the limit on open files", []string{"-max-connections", "100000000"}, nil,
+		{"connections above the limit on open files", []string{"-max-connections", fmt.Sprint(defaultMaxConnections() + 1)}, nil,
 			[]string{"max-connections", fmt.Sprint(defaultMaxConnections())}},
 	}
 	for _, tt := range tests {
