@@ -1332,7 +1332,8 @@ func TestReadAll(t *testing.T) {
 	sized := allocated(func() { readAll(bytes.NewReader(data), int64(len(data))) })
 	doubling := allocated(func() { io.ReadAll(bytes.NewReader(data)) })
 	if sized > doubling*2/3 {
-		t.Errorf("reading 64 KiB of declared size allocated %d bytes, io.ReadAll %d; want its size once, well below", sized, doubling)
+		t.Errorf("reading 64 KiB of declared size allocated %d bytes, io.ReadAll %d; want its size once, well below", sized,
+			doubling)
 	}
 	for _, declared := range []int64{-1, 0, 10, 1 << 20} {
 		if got, err := readAll(bytes.NewReader(data), declared); err != nil || !bytes.Equal(got, data) {
@@ -2574,7 +2575,8 @@ func TestCompareAgain(t *testing.T) {
 // TestComparisons: how many comparisons at a cost make one at the
 // costliest, with bcrypt's round to begin counted.
 func TestComparisons(t *testing.T) {
-	for _, tt := range []struct{ cost, costliest, want int }{{12, 12, 1}, {10, 12, 4}, {8, 12, 16}, {6, 12, 63}, {4, 12, 241}, {4, 6, 4}} {
+	for _, tt := range []struct{ cost, costliest, want int }{{12, 12, 1}, {10, 12, 4}, {8, 12, 16}, {6, 12, 63}, {4, 12,
+		241}, {4, 6, 4}} {
 		if got := comparisons(tt.cost, tt.costliest); got != tt.want {
 			t.Errorf("comparisons(%d, %d) = %d, want %d", tt.cost, tt.costliest, got, tt.want)
 		}
@@ -3000,7 +3002,8 @@ func (c *fakeConn) Close() error         { c.closed = true; return nil }
 // gives its place back, once.
 func TestConnLimiter(t *testing.T) {
 	ln := fakeListener{conns: make(chan net.Conn, 1)}
-	if limitConnections(ln, 0, 0) != net.Listener(ln) || limitConnections(ln, 2, 0) == net.Listener(ln) || limitConnections(ln, 0, 4) == net.Listener(ln) {
+	if limitConnections(ln, 0, 0) != net.Listener(ln) || limitConnections(ln, 2, 0) == net.Listener(ln) ||
+		limitConnections(ln, 0, 4) == net.Listener(ln) {
 		t.Error("the listener is left as it is only with both caps off")
 	}
 	limited := limitConnections(ln, 2, 4)
@@ -3433,7 +3436,8 @@ func TestStoreChanges(t *testing.T) {
 	if err := s.remove(ctx, bob.ID, bob.Session); err != nil {
 		t.Fatal(err)
 	}
-	for _, err := range []error{s.remove(ctx, bob.ID, bob.Session), s.endSessions(ctx, bob.ID), s.setHash(ctx, 99, "", "")} {
+	for _, err := range []error{s.remove(ctx, bob.ID, bob.Session), s.endSessions(ctx, bob.ID), s.setHash(ctx, 99, "",
+		"")} {
 		if !errors.Is(err, errNoUser) {
 			t.Errorf("a change to a user who is gone = %v, want errNoUser", err)
 		}
@@ -3911,7 +3915,8 @@ func TestRunServesAndStops(t *testing.T) {
 	t.Parallel() // run makes its dummy hash at DefaultCost
 	users := filepath.Join(t.TempDir(), "users.json")
 	ctx, cancel := context.WithCancel(context.Background())
-	args := []string{"-users", users, "-max-failures-per-email", "0", "-max-connections", fmt.Sprint(defaultMaxConnections())}
+	args := []string{"-users", users, "-max-failures-per-email", "0", "-max-connections",
+		fmt.Sprint(defaultMaxConnections())}
 	addr, out, done := startRun(t, ctx, args, map[string]string{"JWT_SECRET": testSecret})
 
 	res, err := http.Get("http://" + addr + "/healthz")
@@ -4188,7 +4193,8 @@ func TestRunRefusesToStart(t *testing.T) {
 			[]string{"as https://app.example:"}},
 		{"negative email limit", []string{"-max-failures-per-email", "-1"}, nil, []string{"max-failures-per-email"}},
 		{"negative connections", []string{"-max-connections", "-1"}, nil, []string{"max-connections"}},
-		{"connections above the limit on open files", []string{"-max-connections", fmt.Sprint(defaultMaxConnections() + 1)}, nil,
+		{"connections above the limit on open files", []string{"-max-connections", fmt.Sprint(defaultMaxConnections() + 1)},
+			nil,
 			[]string{"max-connections", fmt.Sprint(defaultMaxConnections())}},
 	}
 	for _, tt := range tests {
