@@ -3329,6 +3329,18 @@ func TestStoreRelativePath(t *testing.T) {
 	}
 }
 
+// TestStoreCostliestCost: the highest cost of the stored hashes, which run
+// takes with the server's own as the cost every failed login costs.
+func TestStoreCostliestCost(t *testing.T) {
+	hash := mustHash(t, testPassword, bcrypt.MinCost)
+	empty, _ := openStore(writeUsers(t), discardLog)
+	mixed, _ := openStore(writeUsers(t, User{ID: 1, Email: testEmail, PasswordHash: withCost(hash, 7)},
+		User{ID: 2, Email: "bob@example.com", PasswordHash: withCost(hash, 5)}), discardLog)
+	if got, want := []int{empty.costliestCost(), mixed.costliestCost()}, []int{0, 7}; !slices.Equal(got, want) {
+		t.Errorf("costliestCost of no users and of costs 7 and 5 = %v, want %v", got, want)
+	}
+}
+
 // TestFilePart: the users file's refusals name the part at fault.
 func TestFilePart(t *testing.T) {
 	for p, want := range map[jsontext.Pointer]string{"": "the file", "/users/3": "user 3", "/x": "/x"} {
