@@ -884,27 +884,10 @@ func (w *routingErrorWriter) Write(p []byte) (int, error) {
 	return w.ResponseWriter.Write(p)
 }
 
-// The defenses begin here: each is a wrapper that newServer puts around
-// routes by name, or a limit on the server and its listener.
-
-// commonHeaders returns a wrapper that sets the headers every response
-// carries, the mux's own 404 and 405 and the host check's 400 included.
-// Browsers must take a response for what its Content-Type says (nosniff),
-// and no page of another site may frame one (clickjacking). With origins
-// allowed, answers differ by Origin, and caches must not give one origin's
-// answer to another (Vary).
-func commonHeaders(web webConfig) func(http.Handler) http.Handler {
-	return func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("X-Content-Type-Options", "nosniff")
-			w.Header().Set("X-Frame-Options", "DENY")
-			if len(web.allowOrigins) > 0 {
-				w.Header().Add("Vary", "Origin")
-			}
-			next.ServeHTTP(w, r)
-		})
-	}
-}
+// The defenses begin here, in the order newServer lists them: each is a
+// wrapper that it puts around routes by name, those of single routes
+// first, then those around every route; then the limits on the server and
+// its listener.
 
 // webConfig says which pages of other origins, and which host names, the
 // server trusts besides its own.
@@ -913,98 +896,6 @@ type webConfig struct {
 	allowHosts   []string // host names accepted besides loopback ones, from -allow-host
 	checkHost    bool     // refuse other host names: listening on loopback, or -allow-host given
 }
-
-// checkHost returns a wrapper that answers 400, before anything else runs,
-// to a request whose Host is neither a loopback name (localhost,
-// 127.x.x.x, [::1], any port) nor in web.allowHosts. It stops DNS
-// rebinding: a page on the internet can point its own domain at 127.0.0.1,
-// and its requests then reach this server as same-origin. A server
-// listening elsewhere, with no -allow-host, takes any Host.
-func checkHost(web webConfig) func(http.Handler) http.Handler {
-	return func(next http.Handler) http.Handler {
-		if !web.checkHost {
-			return next
-		}
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			host := r.Host
-			if h, _, err := net.SplitHostPort(host); err == nil {
-				host = h
-			}
-			host = strings.ToLower(strings.Trim(host, "[]"))
-			ip := net.ParseIP(host)
-			if host != "localhost" && (ip == nil || !ip.IsLoopback()) && !slices.Contains(web.allowHosts, host) {
-				writeError(w, http.StatusBadRequest, "Invalid host header")
-				return
-			}
-			next.ServeHTTP(w, r)
-		})
-	}
-}
-
-// allowOrigins returns a wrapper that lets pages of web.allowOrigins call
-// the API (CORS): their preflight OPTIONS is answered with the methods the
-// route takes, and every answer, errors included, lets the page read it,
-// WWW-Authenticate and Retry-After too. No credentials mode: the token is a
-// header, never a cookie. Other origins get no such header, so browsers
-// hide the answers from their pages.
-func allowOrigins(web webConfig) func(http.Handler) http.Handler {
-	return func(next http.Handler) http.Handler {
-		if len(web.allowOrigins) == 0 {
-			return next
-		}
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			origin := r.Header.Get("Origin")
-			if !slices.Contains(web.allowOrigins, origin) {
-				next.ServeHTTP(w, r)
-				return
-			}
-			w.Header().Set("Access-Control-Allow-Origin", origin)
-			w.Header().Set("Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After")
-			if r.Method != http.MethodOptions {
-				next.ServeHTTP(w, r)
-				return
-			}
-			methods := routeMethods(next, r)
-			if methods == "" { // a path no route serves: its 404
-				next.ServeHTTP(w, r)
-				return
-			}
-			w.Header().Set("Access-Control-Allow-Methods", methods)
-			w.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
-			w.Header().Set("Access-Control-Max-Age", "600")
-			w.WriteHeader(http.StatusNoContent)
-		})
-	}
-}
-
-// routeMethods returns the methods that routes of next take at the path of
-// r, an OPTIONS request, or "" if no route serves that path. No route
-// takes OPTIONS, so the mux answers it with a 405 whose Allow header lists
-// them; the route table stays the one place that says which they are.
-func routeMethods(next http.Handler, r *http.Request) string {
-	probe := newDiscardResponse()
-	next.ServeHTTP(probe, r)
-	if probe.status != http.StatusMethodNotAllowed {
-		return ""
-	}
-	return probe.header.Get("Allow")
-}
-
-// discardResponse is a ResponseWriter that keeps the status and headers it
-// is given and drops the body: for running a handler, or a body reader,
-// only to learn how it would answer.
-type discardResponse struct {
-	header http.Header
-	status int
-}
-
-func newDiscardResponse() *discardResponse {
-	return &discardResponse{header: http.Header{}, status: http.StatusOK}
-}
-
-func (d *discardResponse) Header() http.Header         { return d.header }
-func (d *discardResponse) Write(p []byte) (int, error) { return len(p), nil }
-func (d *discardResponse) WriteHeader(status int)      { d.status = status }
 
 // refuseCrossSite returns a wrapper that answers 403, before anything else
 // runs, to a request a browser marks as sent by a page of another site
@@ -1152,6 +1043,22 @@ func bufferBody(r *http.Request) *bufferedBody {
 	return b
 }
 
+// discardResponse is a ResponseWriter that keeps the status and headers it
+// is given and drops the body: for running a handler, or a body reader,
+// only to learn how it would answer.
+type discardResponse struct {
+	header http.Header
+	status int
+}
+
+func newDiscardResponse() *discardResponse {
+	return &discardResponse{header: http.Header{}, status: http.StatusOK}
+}
+
+func (d *discardResponse) Header() http.Header         { return d.header }
+func (d *discardResponse) Write(p []byte) (int, error) { return len(p), nil }
+func (d *discardResponse) WriteHeader(status int)      { d.status = status }
+
 // waitForCPU returns a wrapper that runs next, whose work is bcrypt, in one
 // of cpus's slots: at most one bcrypt run per CPU at once, the others
 // waiting their turn. So a flood of logins is answered at the rate the CPUs
@@ -1241,6 +1148,101 @@ func rehashCheapHashes(logger *slog.Logger, users *store, cost int) func(http.Ha
 			}
 		})
 	}
+}
+
+// commonHeaders returns a wrapper that sets the headers every response
+// carries, the mux's own 404 and 405 and the host check's 400 included.
+// Browsers must take a response for what its Content-Type says (nosniff),
+// and no page of another site may frame one (clickjacking). With origins
+// allowed, answers differ by Origin, and caches must not give one origin's
+// answer to another (Vary).
+func commonHeaders(web webConfig) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Content-Type-Options", "nosniff")
+			w.Header().Set("X-Frame-Options", "DENY")
+			if len(web.allowOrigins) > 0 {
+				w.Header().Add("Vary", "Origin")
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// checkHost returns a wrapper that answers 400, before anything else runs,
+// to a request whose Host is neither a loopback name (localhost,
+// 127.x.x.x, [::1], any port) nor in web.allowHosts. It stops DNS
+// rebinding: a page on the internet can point its own domain at 127.0.0.1,
+// and its requests then reach this server as same-origin. A server
+// listening elsewhere, with no -allow-host, takes any Host.
+func checkHost(web webConfig) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if !web.checkHost {
+			return next
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			host := r.Host
+			if h, _, err := net.SplitHostPort(host); err == nil {
+				host = h
+			}
+			host = strings.ToLower(strings.Trim(host, "[]"))
+			ip := net.ParseIP(host)
+			if host != "localhost" && (ip == nil || !ip.IsLoopback()) && !slices.Contains(web.allowHosts, host) {
+				writeError(w, http.StatusBadRequest, "Invalid host header")
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// allowOrigins returns a wrapper that lets pages of web.allowOrigins call
+// the API (CORS): their preflight OPTIONS is answered with the methods the
+// route takes, and every answer, errors included, lets the page read it,
+// WWW-Authenticate and Retry-After too. No credentials mode: the token is a
+// header, never a cookie. Other origins get no such header, so browsers
+// hide the answers from their pages.
+func allowOrigins(web webConfig) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if len(web.allowOrigins) == 0 {
+			return next
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			origin := r.Header.Get("Origin")
+			if !slices.Contains(web.allowOrigins, origin) {
+				next.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Access-Control-Allow-Origin", origin)
+			w.Header().Set("Access-Control-Expose-Headers", "WWW-Authenticate, Retry-After")
+			if r.Method != http.MethodOptions {
+				next.ServeHTTP(w, r)
+				return
+			}
+			methods := routeMethods(next, r)
+			if methods == "" { // a path no route serves: its 404
+				next.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Access-Control-Allow-Methods", methods)
+			w.Header().Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
+			w.Header().Set("Access-Control-Max-Age", "600")
+			w.WriteHeader(http.StatusNoContent)
+		})
+	}
+}
+
+// routeMethods returns the methods that routes of next take at the path of
+// r, an OPTIONS request, or "" if no route serves that path. No route
+// takes OPTIONS, so the mux answers it with a 405 whose Allow header lists
+// them; the route table stays the one place that says which they are.
+func routeMethods(next http.Handler, r *http.Request) string {
+	probe := newDiscardResponse()
+	next.ServeHTTP(probe, r)
+	if probe.status != http.StatusMethodNotAllowed {
+		return ""
+	}
+	return probe.header.Get("Allow")
 }
 
 // newHTTPServer returns the HTTP server for handler, with the limits that
