@@ -1218,7 +1218,8 @@ func TestHandleDeleteAccount(t *testing.T) {
 // TestSessions: what binds a token to its account. A user removed from the
 // file by hand and registered again is not opened by the old account's
 // tokens; a users file written before sessions existed loads, and its
-// users get tokens that work until they log out; a rehash ends no token.
+// users get tokens that work until they log out; a rehash ends no token,
+// and no other login writes the file.
 func TestSessions(t *testing.T) {
 	ts := newTestServer(t, serverConfig{})
 	old := ts.token(t)
@@ -1239,6 +1240,13 @@ func TestSessions(t *testing.T) {
 		t.Errorf("hash cost %d after a login, want the rehash's %d", hashCost(u.PasswordHash), bcrypt.MinCost+1)
 	}
 	checkJSON(t, before.me(t, token), 200, map[string]any{"email": testEmail})
+	steps := watchDisk(before.users, "")
+	for _, email := range []string{testEmail, testEmail, "nobody@example.com"} { // no login writes the file
+		before.login(t, email, testPassword)
+	}
+	if len(*steps) != 0 {
+		t.Errorf("logins at the server's cost wrote the users file: %v", *steps)
+	}
 	checkJSON(t, newTestServer(t, serverConfig{usersPath: path}).me(t, token), 200, nil)
 	before.do(t, logout(token))
 	before.checkEnded(t, token)
